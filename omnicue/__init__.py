@@ -1,0 +1,1 @@
+"""Omnicue: settings, CLI, metrics, producer client, dev stack and senders."""

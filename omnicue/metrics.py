@@ -1,0 +1,83 @@
+"""Prometheus metrics (base units, `_total` counters, bounded labels only).
+
+Labels never carry customer ids: rule ids, channels, event types and outcomes
+are bounded by the rules file and the contracts.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# Latency from "should happen" to "happened": 10 ms to 10 minutes.
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 600)
+
+
+class WorkerMetrics:
+    """The collectors of one worker process, on their own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.events_consumed = Counter(
+            "omnicue_events_consumed", "Valid events consumed, by type", ["type"], registry=r
+        )
+        self.events_invalid = Counter(
+            "omnicue_events_invalid",
+            "Events sent to the dead-letter topic, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.actions = Counter(
+            "omnicue_actions", "Actions emitted, by rule and channel", ["rule", "channel"],
+            registry=r,
+        )
+        self.decisions = Counter(
+            "omnicue_decisions", "Decisions made, by outcome and reason", ["outcome", "reason"],
+            registry=r,
+        )
+        self.event_to_action_latency = Histogram(
+            "omnicue_event_to_action_latency_seconds",
+            "Seconds from an action's due time (its trigger event for immediate steps) "
+            "to its emission",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.timer_lateness = Histogram(
+            "omnicue_timer_lateness_seconds",
+            "Seconds between a timer's due time and its processing",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.timers_pending = Gauge(
+            "omnicue_timers_pending", "Customers with a pending journey step", registry=r
+        )
+        self.customers_in_state = Gauge(
+            "omnicue_customers_in_state", "Customers held in this worker's state", registry=r
+        )
+        self.batch_events = Histogram(
+            "omnicue_batch_events",
+            "Inputs per processing batch",
+            buckets=(1, 5, 10, 50, 100, 250, 500, 1000, 2500),
+            registry=r,
+        )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class SenderMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.actions = Counter(
+            "omnicue_sender_actions",
+            "Actions handled by a sender, by channel and outcome (sent|duplicate|expired)",
+            ["channel", "outcome"],
+            registry=self.registry,
+        )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+__all__ = ["CONTENT_TYPE_LATEST", "SenderMetrics", "WorkerMetrics"]

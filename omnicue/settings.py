@@ -1,0 +1,62 @@
+"""One frozen settings object, read from `OMNICUE_*` environment variables.
+
+It is built once by the CLI and passed explicitly to everything that needs it;
+nothing reads the environment on its own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OMNICUE_", frozen=True, extra="ignore")
+
+    broker: str = Field("kafka://127.0.0.1:9092", description="Kafka bootstrap URL(s)")
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    partitions: int = Field(8, ge=1, description="Partitions of every Omnicue topic")
+    rules: Path | None = Field(None, description="Rules file; None uses the packaged rules")
+    consent_policy: Literal["opt_in", "opt_out"] = "opt_in"
+    default_timezone: str = "Asia/Seoul"
+    dev_broker: bool = Field(False, description="True on the Tansu dev broker")
+
+    app_id: str = "omnicue"
+    web_host: str = "127.0.0.1"
+    web_port: int = 6066
+    data_dir: Path = Path(".omnicue")
+    store: str = Field("rocksdb://", description="Faust table store: rocksdb:// or memory://")
+    batch_size: int = Field(500, ge=1, description="Max events per processing batch")
+    batch_within: float = Field(0.05, gt=0, description="Seconds to wait to fill a batch")
+    timer_interval: float = Field(0.25, gt=0, description="Seconds between timer checks")
+    action_ttl_after_due: float = Field(
+        86_400.0, gt=0, description="Default seconds an action stays sendable after its due time"
+    )
+    sender_claim_ttl: int = Field(7 * 86_400, description="Seconds a sent action id is remembered")
+    sender_metrics_port: int = Field(6067, description="Port of a sender's /metrics (0: off)")
+    log_level: str = "info"
+
+    @field_validator("default_timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown IANA timezone {value!r}") from exc
+        return value
+
+    @property
+    def bootstrap_servers(self) -> list[str]:
+        """`kafka://h1:9092;h2:9092` as kafka-python/aiokafka host:port strings."""
+        servers = []
+        for part in self.broker.replace(",", ";").split(";"):
+            part = part.strip()
+            if "://" in part:
+                part = part.split("://", 1)[1]
+            if part:
+                servers.append(part)
+        return servers

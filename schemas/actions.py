@@ -1,0 +1,51 @@
+"""The outbound action contract consumed by channel senders.
+
+`action_id` is deterministic (rule, customer, journey instance, step), so a
+replayed or re-fired decision yields the same id and senders can deduplicate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from schemas.events import ActionChannel, Category
+
+
+class Recipient(BaseModel):
+    """The contact point the action is for, on its channel."""
+
+    model_config = ConfigDict(frozen=True)
+    email: str | None = None
+    phone: str | None = None
+    push_token: str | None = None
+
+
+class Action(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    action_id: str
+    rule_id: str
+    rule_version: str
+    step: int = Field(ge=1)
+    customer_id: str
+    journey_key: str
+    channel: ActionChannel
+    category: Category
+    template: str
+    variant: str | None = None
+    recipient: Recipient
+    payload: dict[str, Any] = {}
+    created_at: AwareDatetime
+    due_at: AwareDatetime
+    expires_at: AwareDatetime
+    trigger_event_id: str
+    trigger_occurred_at: AwareDatetime
+
+
+def make_action_id(rule_id: str, customer_id: str, journey_id: str, step: int) -> str:
+    """A stable id: the same rule, customer, journey instance and step give the same id."""
+    digest = hashlib.sha256(f"{rule_id}\x1f{customer_id}\x1f{journey_id}\x1f{step}".encode())
+    return f"act_{digest.hexdigest()[:32]}"

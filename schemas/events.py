@@ -1,0 +1,289 @@
+"""The inbound event contract.
+
+An event is a JSON object with a fixed envelope; `properties` is typed per `type`
+through a discriminated union, so a producer gets a precise error for a bad field.
+Unknown envelope fields are rejected; unknown *property* fields are kept, because
+producers legitimately attach their own attributes (rules may read them).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal, TypeAlias
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
+
+Channel = Literal[
+    "web", "app", "email", "push", "sms", "kakao", "store", "pos", "callcenter", "ads", "social"
+]
+# Channels Omnicue can send on.
+ActionChannel = Literal["push", "email", "sms", "kakao"]
+Category = Literal["marketing", "transactional"]
+
+NonEmpty = Annotated[str, Field(min_length=1, max_length=256)]
+Money = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class Properties(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class Traits(Properties):
+    email: str | None = Field(None, max_length=320, pattern=r"^[^@\s]+@[^@\s]+$")
+    phone: str | None = Field(None, max_length=32, pattern=r"^\+?[0-9][0-9 \-]{3,30}$")
+    timezone: str | None = None
+    locale: str | None = Field(None, max_length=35)
+
+    @field_validator("timezone")
+    @classmethod
+    def _iana_timezone(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown IANA timezone {value!r}") from exc
+        return value
+
+
+class IdentifyProperties(Properties):
+    traits: Traits = Traits()
+
+
+class ConsentProperties(Properties):
+    channel: ActionChannel
+    category: Category
+    granted: bool
+
+
+class DeviceRegisteredProperties(Properties):
+    push_token: NonEmpty
+    platform: Literal["ios", "android", "web"]
+
+
+class DeviceUnregisteredProperties(Properties):
+    push_token: NonEmpty
+
+
+class ProductViewedProperties(Properties):
+    product_id: NonEmpty
+    price: Money | None = None
+    category: str | None = None
+
+
+class CartItemAddedProperties(Properties):
+    cart_id: NonEmpty
+    product_id: NonEmpty
+    quantity: int = Field(1, ge=1)
+    price: Money
+
+
+class CartItemRemovedProperties(Properties):
+    cart_id: NonEmpty
+    product_id: NonEmpty
+    quantity: int = Field(1, ge=1)
+
+
+class CheckoutStartedProperties(Properties):
+    cart_id: NonEmpty
+
+
+class OrderItem(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+    product_id: NonEmpty
+    quantity: int = Field(1, ge=1)
+    price: Money
+
+
+class OrderCompletedProperties(Properties):
+    order_id: NonEmpty
+    cart_id: NonEmpty | None = None
+    value: Money
+    currency: str = Field(pattern=r"^[A-Z]{3}$")
+    items: list[OrderItem] = []
+
+
+class OrderRefundedProperties(Properties):
+    order_id: NonEmpty
+
+
+class StoreVisitedProperties(Properties):
+    store_id: NonEmpty
+
+
+class MessageFeedbackProperties(Properties):
+    action_id: NonEmpty
+    reason: str | None = None
+
+
+class _Envelope(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    event_id: NonEmpty
+    occurred_at: AwareDatetime
+    channel: Channel
+    customer_id: NonEmpty | None = None
+    anonymous_id: NonEmpty | None = None
+
+    @field_validator("occurred_at")
+    @classmethod
+    def _to_utc(cls, value: datetime) -> datetime:
+        return value.astimezone(UTC)
+
+    @model_validator(mode="after")
+    def _needs_an_id(self) -> _Envelope:
+        if self.customer_id is None and self.anonymous_id is None:
+            raise ValueError("customer_id or anonymous_id is required")
+        return self
+
+
+class Identify(_Envelope):
+    type: Literal["identify"]
+    properties: IdentifyProperties = IdentifyProperties()
+
+
+class ConsentUpdated(_Envelope):
+    type: Literal["consent.updated"]
+    properties: ConsentProperties
+
+
+class DeviceRegistered(_Envelope):
+    type: Literal["device.registered"]
+    properties: DeviceRegisteredProperties
+
+
+class DeviceUnregistered(_Envelope):
+    type: Literal["device.unregistered"]
+    properties: DeviceUnregisteredProperties
+
+
+class ProductViewed(_Envelope):
+    type: Literal["product.viewed"]
+    properties: ProductViewedProperties
+
+
+class CartItemAdded(_Envelope):
+    type: Literal["cart.item_added"]
+    properties: CartItemAddedProperties
+
+
+class CartItemRemoved(_Envelope):
+    type: Literal["cart.item_removed"]
+    properties: CartItemRemovedProperties
+
+
+class CheckoutStarted(_Envelope):
+    type: Literal["checkout.started"]
+    properties: CheckoutStartedProperties
+
+
+class OrderCompleted(_Envelope):
+    type: Literal["order.completed"]
+    properties: OrderCompletedProperties
+
+
+class OrderRefunded(_Envelope):
+    type: Literal["order.refunded"]
+    properties: OrderRefundedProperties
+
+
+class StoreVisited(_Envelope):
+    type: Literal["store.visited"]
+    properties: StoreVisitedProperties
+
+
+FeedbackType = Literal[
+    "message.sent",
+    "message.delivered",
+    "message.opened",
+    "message.clicked",
+    "message.bounced",
+    "message.unsubscribed",
+    "message.failed",
+]
+FEEDBACK_TYPES: tuple[str, ...] = FeedbackType.__args__
+
+
+class MessageFeedback(_Envelope):
+    type: FeedbackType
+    properties: MessageFeedbackProperties
+
+
+Event: TypeAlias = Annotated[
+    Identify
+    | ConsentUpdated
+    | DeviceRegistered
+    | DeviceUnregistered
+    | ProductViewed
+    | CartItemAdded
+    | CartItemRemoved
+    | CheckoutStarted
+    | OrderCompleted
+    | OrderRefunded
+    | StoreVisited
+    | MessageFeedback,
+    Field(discriminator="type"),
+]
+
+EVENT_TYPES: tuple[str, ...] = (
+    "identify",
+    "consent.updated",
+    "device.registered",
+    "device.unregistered",
+    "product.viewed",
+    "cart.item_added",
+    "cart.item_removed",
+    "checkout.started",
+    "order.completed",
+    "order.refunded",
+    "store.visited",
+    *FEEDBACK_TYPES,
+)
+
+event_adapter: TypeAdapter[Event] = TypeAdapter(Event)
+
+
+def parse_event(raw: bytes | str) -> Event:
+    """Validate one JSON event; raises `pydantic.ValidationError` with every problem."""
+    return event_adapter.validate_json(raw)
+
+
+def event_from_dict(data: dict[str, Any]) -> Event:
+    return event_adapter.validate_python(data)
+
+
+def event_to_json(event: Event) -> bytes:
+    return event_adapter.dump_json(event, exclude_none=True)
+
+
+def customer_key(event: Event) -> str:
+    """The key an event is partitioned and stored under, before identity stitching."""
+    if event.customer_id is not None:
+        return event.customer_id
+    return f"anon:{event.anonymous_id}"
+
+
+def describe_validation_error(exc: Exception, limit: int = 5) -> str:
+    """One readable line per problem (`field.path: message`) for DLQ headers and CLIs."""
+    errors = getattr(exc, "errors", None)
+    if errors is None:
+        return str(exc)
+    parts = []
+    for error in errors()[:limit]:
+        # The first location element of a union error is the tag (the event type): keep it,
+        # it tells the producer which schema the event was checked against.
+        loc = ".".join(str(p) for p in error["loc"]) or "(event)"
+        parts.append(f"{loc}: {error['msg']}")
+    more = len(errors()) - limit
+    if more > 0:
+        parts.append(f"... and {more} more")
+    return "; ".join(parts)

@@ -1,0 +1,74 @@
+"""Stage 1: raw events -> validated, keyed by customer -> the per-customer topic.
+
+Bad input never stops the worker: it goes to the dead-letter topic with its
+original key and bytes, and the reason in headers.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from faust.types import EventT, StreamT
+from pydantic import ValidationError
+
+from schemas.events import customer_key, describe_validation_error, event_adapter
+from streams.inputs import encode_event
+
+if TYPE_CHECKING:
+    from streams.app import Pipeline
+
+log = logging.getLogger(__name__)
+
+
+def register_ingest_agent(p: Pipeline) -> None:
+    async def ingest(stream: StreamT[bytes]) -> None:
+        async for batch in stream.take_events(p.settings.batch_size, p.settings.batch_within):
+            for event in batch:
+                await route_event(p, event)
+
+    p.app.agent(p.topics.events, name="omnicue.ingest")(ingest)
+
+
+async def route_event(p: Pipeline, event: EventT) -> None:
+    message = event.message
+    raw = message.value
+    try:
+        parsed = event_adapter.validate_json(raw)
+    except ValidationError as exc:
+        reason = "json" if _is_json_error(exc) else "schema"
+        await send_to_dead_letters(p, event, "ingest", reason, describe_validation_error(exc))
+        return
+    p.metrics.events_consumed.labels(type=parsed.type).inc()
+    # Identity stitching will replace this lookup; the repartition by key stays.
+    key = resolve_customer_key(parsed)
+    await p.topics.customer_inputs.send(key=key.encode(), value=encode_event(parsed))
+
+
+def resolve_customer_key(event: object) -> str:
+    return customer_key(event)  # type: ignore[arg-type]
+
+
+def _is_json_error(exc: ValidationError) -> bool:
+    return any(e["type"] == "json_invalid" for e in exc.errors())
+
+
+async def send_to_dead_letters(
+    p: Pipeline, event: EventT, stage: str, reason: str, message: str
+) -> None:
+    source = event.message
+    log.warning(
+        "dead letter from %s (%s[%s]@%s): %s: %s",
+        stage, source.topic, source.partition, source.offset, reason, message,
+    )
+    p.metrics.events_invalid.labels(reason=reason).inc()
+    headers = [
+        ("omnicue.error.stage", stage.encode()),
+        ("omnicue.error.class", reason.encode()),
+        ("omnicue.error.message", message[:4000].encode()),
+        ("omnicue.source.topic", source.topic.encode()),
+        ("omnicue.source.partition", str(source.partition).encode()),
+        ("omnicue.source.offset", str(source.offset).encode()),
+    ]
+    await p.topics.dead_letters.send(key=source.key, value=source.value, headers=headers)
+

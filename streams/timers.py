@@ -1,0 +1,80 @@
+"""Timers: fire each customer's pending journey step at its due time.
+
+The truth is the `due_at` of journeys in the state table (changelog-backed, so it
+survives restarts and rebalances). The in-memory `TimerSchedule` only indexes it:
+rebuilt from the table after each recovery, updated on every state write. A due
+customer gets a timer input on the per-customer topic; the engine decides there,
+so a duplicate or stale timer input does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from aiokafka.partitioner import murmur2
+
+from schemas import topics as names
+from streams.inputs import encode_timer
+from triggers.state import CustomerState
+
+if TYPE_CHECKING:
+    from streams.app import Pipeline
+
+log = logging.getLogger(__name__)
+
+# If a timer input is lost (the worker died after sending it), fire again this
+# much later; the state write that follows a processed timer replaces the retry.
+TIMER_RETRY = timedelta(seconds=5)
+
+
+def partition_for(key: bytes, partitions: int) -> int:
+    """The partition the producer's default partitioner picks for a key (murmur2)."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+def register_timers(p: Pipeline) -> None:
+    async def fire_due_timers() -> None:
+        now = p.clock()
+        for key, due_at, partition in p.schedule.pop_due(now):
+            await p.topics.customer_inputs.send(
+                key=key, value=encode_timer(due_at), partition=partition
+            )
+            p.schedule.set(key, now + TIMER_RETRY, partition)
+        p.metrics.timers_pending.set(len(p.schedule))
+
+    p.app.timer(p.settings.timer_interval, name="omnicue.timers")(fire_due_timers)
+
+    async def rebuild_schedule() -> None:
+        rebuild_from_table(p)
+
+    p.customers.on_recover(rebuild_schedule)
+
+    async def forget_revoked(sender: Any, revoked: Any, **_: Any) -> None:
+        gone = {tp.partition for tp in revoked if tp.topic == names.CUSTOMER_INPUTS}
+        if gone:
+            p.schedule.drop_partitions(gone)
+
+    p.app.on_partitions_revoked.connect(forget_revoked)
+
+
+def rebuild_from_table(p: Pipeline) -> None:
+    """One scan of the owned state after recovery, never one per tick."""
+    owned = {
+        tp.partition
+        for tp in p.app.assignor.assigned_actives()
+        if tp.topic == names.CUSTOMER_INPUTS
+    }
+    p.schedule.clear()
+    customers = 0
+    for key, raw in p.customers.items():
+        partition = partition_for(key, p.settings.partitions)
+        if partition not in owned:
+            continue
+        customers += 1
+        state = CustomerState.model_validate_json(raw)
+        p.schedule.set(key, state.next_due(), partition)
+    p.metrics.customers_in_state.set(customers)
+    p.metrics.timers_pending.set(len(p.schedule))
+    log.info("timer schedule rebuilt: %d customers, %d pending", customers, len(p.schedule))

@@ -1,0 +1,39 @@
+"""The Faust topic objects (all raw bytes: the contracts are JSON, parsed by us)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import faust
+from faust.types import TopicT
+
+from schemas import topics as names
+
+
+@dataclass(frozen=True)
+class Topics:
+    events: TopicT
+    dead_letters: TopicT
+    customer_inputs: TopicT
+    decisions: TopicT
+    actions: dict[str, TopicT]
+
+
+def declare_topics(app: faust.App, partitions: int) -> Topics:
+    def raw(name: str) -> TopicT:
+        return app.topic(
+            name,
+            key_type=bytes,
+            value_type=bytes,
+            key_serializer="raw",
+            value_serializer="raw",
+            partitions=partitions,
+        )
+
+    return Topics(
+        events=raw(names.EVENTS),
+        dead_letters=raw(names.EVENTS_DLQ),
+        customer_inputs=raw(names.CUSTOMER_INPUTS),
+        decisions=raw(names.DECISIONS),
+        actions={channel: raw(topic) for channel, topic in names.ACTIONS.items()},
+    )

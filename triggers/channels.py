@@ -1,0 +1,57 @@
+"""Reachability, consent and channel choice."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from schemas.actions import Recipient
+from schemas.events import ActionChannel, Category
+from triggers.state import CustomerState
+
+ConsentPolicy = Literal["opt_in", "opt_out"]
+
+
+def recipient(state: CustomerState, channel: ActionChannel) -> Recipient | None:
+    """The contact point for a channel, or None when the customer is unreachable there."""
+    if channel == "push":
+        if not state.push_tokens:
+            return None
+        # The most recently registered device: dicts keep insertion order.
+        return Recipient(push_token=next(reversed(state.push_tokens)))
+    if channel == "email":
+        if state.email is None or state.email_bounced:
+            return None
+        return Recipient(email=state.email)
+    if state.phone is None:
+        return None
+    return Recipient(phone=state.phone)
+
+
+def consented(
+    state: CustomerState, channel: ActionChannel, category: Category, policy: ConsentPolicy
+) -> bool:
+    granted = state.consents.get(f"{channel}:{category}")
+    if category == "transactional":
+        # Service messages need no opt-in; only an explicit revocation blocks them.
+        return granted is not False
+    if policy == "opt_in":
+        return granted is True
+    return granted is not False
+
+
+def choose_channel(
+    state: CustomerState,
+    channels: list[ActionChannel],
+    category: Category,
+    policy: ConsentPolicy,
+) -> tuple[ActionChannel, Recipient] | str:
+    """The first reachable, consented channel in preference order, else the reason why not."""
+    reachable_somewhere = False
+    for channel in channels:
+        to = recipient(state, channel)
+        if to is None:
+            continue
+        reachable_somewhere = True
+        if consented(state, channel, category, policy):
+            return channel, to
+    return "no_consent" if reachable_somewhere else "unreachable"

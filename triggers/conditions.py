@@ -1,0 +1,46 @@
+"""Rule conditions in the Common Expression Language (CEL), never Python `eval`.
+
+Expressions are compiled once when rules load. A condition sees three variables:
+`event` (the event as JSON), `customer` (a projection of the state) and `journey`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import cel
+
+VARIABLES = frozenset({"event", "customer", "journey"})
+
+
+class ConditionError(ValueError):
+    pass
+
+
+class Condition:
+    """A compiled CEL boolean expression."""
+
+    def __init__(self, source: str) -> None:
+        try:
+            self._program = cel.compile(source)
+        except (ValueError, RuntimeError) as exc:
+            raise ConditionError(f"invalid CEL expression {source!r}: {exc}") from None
+        unknown = set(self._program.variables()) - VARIABLES
+        if unknown:
+            raise ConditionError(
+                f"CEL expression {source!r} uses unknown variable(s) {sorted(unknown)}; "
+                f"available: {sorted(VARIABLES)}"
+            )
+        self.source = source
+
+    def holds(self, context: Callable[[], dict[str, Any]]) -> bool:
+        """Evaluate on a lazily built context; a missing field or a type error is false.
+
+        Treating evaluation errors as false keeps one odd event from stopping a rule
+        for everyone, and matches how marketers read `when`: "only if this is true".
+        """
+        try:
+            return self._program.execute(context()) is True
+        except (KeyError, RuntimeError, ValueError, TypeError):
+            return False

@@ -1,0 +1,178 @@
+"""Per-customer state and how each event changes it (the reducer)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.events import (
+    FEEDBACK_TYPES,
+    CartItemAdded,
+    CartItemRemoved,
+    ConsentUpdated,
+    DeviceRegistered,
+    DeviceUnregistered,
+    Event,
+    Identify,
+    MessageFeedback,
+    OrderCompleted,
+)
+
+# Recent event ids per customer: at-least-once delivery redelivers events after a
+# crash, and applying one twice would double cart quantities or revenue.
+RECENT_EVENT_IDS = 64
+
+
+class CartLine(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    quantity: int
+    price: float
+
+
+class Cart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lines: dict[str, CartLine] = {}
+    updated_at: datetime
+
+    @property
+    def item_count(self) -> int:
+        return sum(line.quantity for line in self.lines.values())
+
+    @property
+    def value(self) -> float:
+        return round(sum(line.quantity * line.price for line in self.lines.values()), 2)
+
+    def as_payload(self, cart_id: str) -> dict[str, Any]:
+        return {
+            "cart_id": cart_id,
+            "items": [
+                {"product_id": pid, "quantity": line.quantity, "price": line.price}
+                for pid, line in self.lines.items()
+            ],
+            "value": self.value,
+        }
+
+
+class Journey(BaseModel):
+    """One running instance of a rule for a customer (and key, e.g. one cart)."""
+
+    model_config = ConfigDict(extra="forbid")
+    rule_id: str
+    rule_version: str
+    key: str
+    # The id of the event that started this instance: part of every action id.
+    journey_id: str
+    # Step delays count from here: the last (re)start of the journey.
+    started_at: datetime
+    next_step: int = 1
+    due_at: datetime
+    trigger_event_id: str
+    trigger_occurred_at: datetime
+
+
+class CustomerState(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    customer_id: str
+    email: str | None = None
+    email_bounced: bool = False
+    phone: str | None = None
+    timezone: str | None = None
+    locale: str | None = None
+    traits: dict[str, Any] = {}
+    push_tokens: dict[str, str] = {}
+    # "<channel>:<category>" -> granted
+    consents: dict[str, bool] = {}
+    carts: dict[str, Cart] = {}
+    last_activity: dict[str, datetime] = {}
+    order_count: int = 0
+    revenue: float = 0.0
+    journeys: dict[str, Journey] = {}
+    recent_event_ids: list[str] = Field(default_factory=list)
+
+    def next_due(self) -> datetime | None:
+        """When this customer next needs the timer (None: no pending step)."""
+        return min((j.due_at for j in self.journeys.values()), default=None)
+
+
+def journey_slot(rule_id: str, key: str) -> str:
+    return f"{rule_id}|{key}"
+
+
+def apply_event(state: CustomerState, event: Event) -> None:
+    """Fold one event into the state (in place: the caller owns a private copy)."""
+    previous = state.last_activity.get(event.channel)
+    if previous is None or event.occurred_at > previous:
+        state.last_activity[event.channel] = event.occurred_at
+
+    match event:
+        case Identify():
+            traits = event.properties.traits
+            if traits.email is not None and traits.email != state.email:
+                state.email = traits.email
+                state.email_bounced = False
+            if traits.phone is not None:
+                state.phone = traits.phone
+            if traits.timezone is not None:
+                state.timezone = traits.timezone
+            if traits.locale is not None:
+                state.locale = traits.locale
+            if traits.model_extra:
+                state.traits.update(traits.model_extra)
+        case ConsentUpdated():
+            p = event.properties
+            state.consents[f"{p.channel}:{p.category}"] = p.granted
+        case DeviceRegistered():
+            state.push_tokens[event.properties.push_token] = event.properties.platform
+        case DeviceUnregistered():
+            state.push_tokens.pop(event.properties.push_token, None)
+        case CartItemAdded():
+            p = event.properties
+            cart = state.carts.get(p.cart_id) or Cart(updated_at=event.occurred_at)
+            line = cart.lines.get(p.product_id)
+            quantity = p.quantity + (line.quantity if line else 0)
+            cart.lines[p.product_id] = CartLine(quantity=quantity, price=p.price)
+            cart.updated_at = event.occurred_at
+            state.carts[p.cart_id] = cart
+        case CartItemRemoved():
+            p = event.properties
+            cart = state.carts.get(p.cart_id)
+            if cart is not None and p.product_id in cart.lines:
+                remaining = cart.lines[p.product_id].quantity - p.quantity
+                if remaining > 0:
+                    cart.lines[p.product_id].quantity = remaining
+                else:
+                    del cart.lines[p.product_id]
+                cart.updated_at = event.occurred_at
+                if not cart.lines:
+                    # An emptied cart is gone: rules test `journey.key in customer.carts`.
+                    del state.carts[p.cart_id]
+        case OrderCompleted():
+            state.order_count += 1
+            state.revenue = round(state.revenue + event.properties.value, 2)
+            if event.properties.cart_id is not None:
+                state.carts.pop(event.properties.cart_id, None)
+        case MessageFeedback():
+            _apply_feedback(state, event)
+        case _:
+            pass
+
+
+def _apply_feedback(state: CustomerState, event: MessageFeedback) -> None:
+    assert event.type in FEEDBACK_TYPES
+    if event.type == "message.bounced" and event.channel == "email":
+        state.email_bounced = True
+    elif event.type == "message.unsubscribed" and event.channel in ("push", "email", "sms", "kakao"):
+        state.consents[f"{event.channel}:marketing"] = False
+
+
+def remember_event(state: CustomerState, event_id: str) -> bool:
+    """Record the event id; False when it was already applied (a redelivery)."""
+    if event_id in state.recent_event_ids:
+        return False
+    state.recent_event_ids.append(event_id)
+    if len(state.recent_event_ids) > RECENT_EVENT_IDS:
+        del state.recent_event_ids[: len(state.recent_event_ids) - RECENT_EVENT_IDS]
+    return True
