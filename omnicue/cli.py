@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from omnicue.settings import Settings
+
+if TYPE_CHECKING:
+    from triggers.ruleset import RuleSet
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 topics_app = typer.Typer(no_args_is_help=True, help="Kafka topics.")
@@ -62,7 +65,8 @@ def rules_validate(path: Path) -> None:
     from omnicue.rules import load_rules
 
     ruleset = _load_or_exit(load_rules, path)
-    typer.echo(f"{path}: ok, {len(ruleset.rules)} rule(s): " + ", ".join(r.id for r in ruleset.rules))
+    names = ", ".join(r.id for r in ruleset.rules)
+    typer.echo(f"{path}: ok, {len(ruleset.rules)} rule(s): {names}")
 
 
 @app.command()
@@ -118,7 +122,7 @@ def dev(
     raise typer.Exit(run_dev(rules=rules, simulate=simulate))
 
 
-def _load_or_exit(loader, path):  # type: ignore[no-untyped-def]
+def _load_or_exit(loader: Callable[[Path | None], RuleSet], path: Path | None) -> RuleSet:
     from schemas.rules import RulesError
 
     try:
@@ -133,4 +137,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -9,7 +9,7 @@ producers legitimately attach their own attributes (rules may read them).
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal, TypeAlias
+from typing import Annotated, Any, Literal, TypeAlias, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
@@ -210,7 +210,7 @@ FeedbackType = Literal[
     "message.unsubscribed",
     "message.failed",
 ]
-FEEDBACK_TYPES: tuple[str, ...] = FeedbackType.__args__
+FEEDBACK_TYPES: tuple[str, ...] = get_args(FeedbackType)
 
 
 class MessageFeedback(_Envelope):

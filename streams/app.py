@@ -28,7 +28,7 @@ class Pipeline:
     settings: Settings
     app: faust.App
     topics: Topics
-    customers: TableT
+    customers: TableT[bytes, bytes]
     rules: RuleSet
     policy: EnginePolicy
     metrics: WorkerMetrics

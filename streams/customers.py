@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, cast
 
+from faust import Stream
 from faust.streams import _current_event
 from faust.types import EventT, StreamT
 
@@ -28,23 +30,27 @@ log = logging.getLogger(__name__)
 
 def register_customer_agent(p: Pipeline) -> None:
     async def customers(stream: StreamT[bytes]) -> None:
-        async for batch in stream.take_events(p.settings.batch_size, p.settings.batch_within):
+        batches = cast("Stream[bytes]", stream).take_events(
+            p.settings.batch_size, p.settings.batch_within
+        )
+        async for batch in batches:
             await process_batch(p, batch)
 
     p.app.agent(p.topics.customer_inputs, name="omnicue.customers")(customers)
 
 
-def _use_event_context(event: EventT) -> None:
+def _use_event_context(event: EventT[bytes]) -> None:
     # Table reads and writes take their partition from the "current event". A batch
     # mixes partitions, so point it at an input of the customer being written;
     # otherwise the changelog entry would land in another customer's partition.
     _current_event.set(weakref.ref(event))
 
 
-async def process_batch(p: Pipeline, batch: list[EventT]) -> None:
-    groups: dict[bytes, list[EventT]] = {}
+async def process_batch(p: Pipeline, batch: Sequence[EventT[bytes]]) -> None:
+    groups: dict[bytes, list[EventT[bytes]]] = {}
     for event in batch:
-        groups.setdefault(event.message.key, []).append(event)
+        # Every input is produced with its customer key (ingest and timers).
+        groups.setdefault(event.message.key or b"", []).append(event)
     p.metrics.batch_events.observe(len(batch))
     now = p.clock()
     for key, inputs in groups.items():
@@ -58,7 +64,7 @@ async def process_batch(p: Pipeline, batch: list[EventT]) -> None:
         outputs: list[Output] = []
         for event in inputs:
             try:
-                item = decode_input(event.message.value)
+                item = decode_input(event.message.value or b"")
                 if isinstance(item, TimerFired):
                     p.metrics.timer_lateness.observe(max(0.0, (now - item.due_at).total_seconds()))
                 outputs.append(evolve(state, item, now, p.rules, p.policy))
@@ -69,7 +75,7 @@ async def process_batch(p: Pipeline, batch: list[EventT]) -> None:
                 )
         _use_event_context(inputs[-1])
         p.customers[key] = state.model_dump_json(exclude_defaults=True).encode()
-        p.schedule.set(key, state.next_due(), inputs[-1].message.partition)
+        p.schedule.set_due(key, state.next_due(), inputs[-1].message.partition)
         for out in outputs:
             await emit(p, key, out)
     p.metrics.timers_pending.set(len(p.schedule))

@@ -7,8 +7,9 @@ original key and bytes, and the reason in headers.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
+from faust import Stream
 from faust.types import EventT, StreamT
 from pydantic import ValidationError
 
@@ -23,16 +24,22 @@ log = logging.getLogger(__name__)
 
 def register_ingest_agent(p: Pipeline) -> None:
     async def ingest(stream: StreamT[bytes]) -> None:
-        async for batch in stream.take_events(p.settings.batch_size, p.settings.batch_within):
+        batches = cast("Stream[bytes]", stream).take_events(
+            p.settings.batch_size, p.settings.batch_within
+        )
+        async for batch in batches:
             for event in batch:
                 await route_event(p, event)
 
     p.app.agent(p.topics.events, name="omnicue.ingest")(ingest)
 
 
-async def route_event(p: Pipeline, event: EventT) -> None:
+async def route_event(p: Pipeline, event: EventT[bytes]) -> None:
     message = event.message
     raw = message.value
+    if not raw:
+        await send_to_dead_letters(p, event, "ingest", "empty", "the record has no value")
+        return
     try:
         parsed = event_adapter.validate_json(raw)
     except ValidationError as exc:
@@ -54,7 +61,7 @@ def _is_json_error(exc: ValidationError) -> bool:
 
 
 async def send_to_dead_letters(
-    p: Pipeline, event: EventT, stage: str, reason: str, message: str
+    p: Pipeline, event: EventT[bytes], stage: str, reason: str, message: str
 ) -> None:
     source = event.message
     log.warning(

@@ -14,6 +14,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from aiokafka.partitioner import murmur2
+from faust.types import TP
 
 from schemas import topics as names
 from streams.inputs import encode_timer
@@ -31,7 +32,7 @@ TIMER_RETRY = timedelta(seconds=5)
 
 def partition_for(key: bytes, partitions: int) -> int:
     """The partition the producer's default partitioner picks for a key (murmur2)."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
+    return (int(murmur2(key)) & 0x7FFFFFFF) % partitions
 
 
 def register_timers(p: Pipeline) -> None:
@@ -41,7 +42,7 @@ def register_timers(p: Pipeline) -> None:
             await p.topics.customer_inputs.send(
                 key=key, value=encode_timer(due_at), partition=partition
             )
-            p.schedule.set(key, now + TIMER_RETRY, partition)
+            p.schedule.set_due(key, now + TIMER_RETRY, partition)
         p.metrics.timers_pending.set(len(p.schedule))
 
     p.app.timer(p.settings.timer_interval, name="omnicue.timers")(fire_due_timers)
@@ -51,12 +52,13 @@ def register_timers(p: Pipeline) -> None:
 
     p.customers.on_recover(rebuild_schedule)
 
-    async def forget_revoked(sender: Any, revoked: Any, **_: Any) -> None:
+    async def forget_revoked(sender: Any, *args: Any, **kwargs: Any) -> None:
+        revoked: set[TP] = args[0]
         gone = {tp.partition for tp in revoked if tp.topic == names.CUSTOMER_INPUTS}
         if gone:
             p.schedule.drop_partitions(gone)
 
-    p.app.on_partitions_revoked.connect(forget_revoked)
+    p.app.on_partitions_revoked.connect(forget_revoked)  # type: ignore[arg-type]
 
 
 def rebuild_from_table(p: Pipeline) -> None:
@@ -74,7 +76,7 @@ def rebuild_from_table(p: Pipeline) -> None:
             continue
         customers += 1
         state = CustomerState.model_validate_json(raw)
-        p.schedule.set(key, state.next_due(), partition)
+        p.schedule.set_due(key, state.next_due(), partition)
     p.metrics.customers_in_state.set(customers)
     p.metrics.timers_pending.set(len(p.schedule))
     log.info("timer schedule rebuilt: %d customers, %d pending", customers, len(p.schedule))

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from faust.web import Request, Response, View
 
-from omnicue.metrics import CONTENT_TYPE_LATEST
+from omnicue.metrics import CONTENT_TYPE
 
 if TYPE_CHECKING:
     from streams.app import Pipeline
@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 def register_views(p: Pipeline) -> None:
     async def metrics(web: View, request: Request) -> Response:
-        return web.bytes(p.metrics.exposition(), content_type=CONTENT_TYPE_LATEST)
+        return web.bytes(p.metrics.exposition(), content_type=CONTENT_TYPE)
 
     p.app.page("/metrics")(metrics)
 

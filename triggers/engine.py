@@ -15,13 +15,13 @@ from typing import Any
 
 from schemas.actions import Action, make_action_id
 from schemas.decisions import Decision
-from schemas.events import Event, event_adapter
+from schemas.events import ActionChannel, Event, event_adapter
 from triggers.channels import ConsentPolicy, choose_channel, recipient
 from triggers.ruleset import CompiledRule, RuleSet
 from triggers.state import CustomerState, Journey, apply_event, journey_slot, remember_event
 
 DEFAULT_JOURNEY_KEY = "customer"
-_ACTION_CHANNELS = ("push", "email", "sms", "kakao")
+_ACTION_CHANNELS: tuple[ActionChannel, ...] = ("push", "email", "sms", "kakao")
 
 
 @dataclass(frozen=True)

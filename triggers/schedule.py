@@ -2,7 +2,7 @@
 
 Holding one entry per customer with a pending step, a tick costs O(k log n) for k
 due customers instead of scanning every customer. Entries are replaced, not
-removed: `set` pushes a new heap entry and `pop_due` skips ones that are stale.
+removed: `set_due` pushes a new heap entry and `pop_due` skips ones that are stale.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ class TimerSchedule:
     def due_at(self, key: bytes) -> datetime | None:
         return self._due.get(key)
 
-    def set(self, key: bytes, due_at: datetime | None, partition: int) -> None:
+    def set_due(self, key: bytes, due_at: datetime | None, partition: int) -> None:
         """Schedule `key` at `due_at`, or unschedule it with None."""
         if due_at is None:
             self._due.pop(key, None)

@@ -23,6 +23,7 @@ from schemas.events import (
 # Recent event ids per customer: at-least-once delivery redelivers events after a
 # crash, and applying one twice would double cart quantities or revenue.
 RECENT_EVENT_IDS = 64
+SENDABLE_CHANNELS = frozenset({"push", "email", "sms", "kakao"})
 
 
 class CartLine(BaseModel):
@@ -122,33 +123,33 @@ def apply_event(state: CustomerState, event: Event) -> None:
             if traits.model_extra:
                 state.traits.update(traits.model_extra)
         case ConsentUpdated():
-            p = event.properties
-            state.consents[f"{p.channel}:{p.category}"] = p.granted
+            consent = event.properties
+            state.consents[f"{consent.channel}:{consent.category}"] = consent.granted
         case DeviceRegistered():
             state.push_tokens[event.properties.push_token] = event.properties.platform
         case DeviceUnregistered():
             state.push_tokens.pop(event.properties.push_token, None)
         case CartItemAdded():
-            p = event.properties
-            cart = state.carts.get(p.cart_id) or Cart(updated_at=event.occurred_at)
-            line = cart.lines.get(p.product_id)
-            quantity = p.quantity + (line.quantity if line else 0)
-            cart.lines[p.product_id] = CartLine(quantity=quantity, price=p.price)
+            added = event.properties
+            cart = state.carts.get(added.cart_id) or Cart(updated_at=event.occurred_at)
+            line = cart.lines.get(added.product_id)
+            quantity = added.quantity + (line.quantity if line else 0)
+            cart.lines[added.product_id] = CartLine(quantity=quantity, price=added.price)
             cart.updated_at = event.occurred_at
-            state.carts[p.cart_id] = cart
+            state.carts[added.cart_id] = cart
         case CartItemRemoved():
-            p = event.properties
-            cart = state.carts.get(p.cart_id)
-            if cart is not None and p.product_id in cart.lines:
-                remaining = cart.lines[p.product_id].quantity - p.quantity
+            removed = event.properties
+            existing = state.carts.get(removed.cart_id)
+            if existing is not None and removed.product_id in existing.lines:
+                remaining = existing.lines[removed.product_id].quantity - removed.quantity
                 if remaining > 0:
-                    cart.lines[p.product_id].quantity = remaining
+                    existing.lines[removed.product_id].quantity = remaining
                 else:
-                    del cart.lines[p.product_id]
-                cart.updated_at = event.occurred_at
-                if not cart.lines:
+                    del existing.lines[removed.product_id]
+                existing.updated_at = event.occurred_at
+                if not existing.lines:
                     # An emptied cart is gone: rules test `journey.key in customer.carts`.
-                    del state.carts[p.cart_id]
+                    del state.carts[removed.cart_id]
         case OrderCompleted():
             state.order_count += 1
             state.revenue = round(state.revenue + event.properties.value, 2)
@@ -164,7 +165,7 @@ def _apply_feedback(state: CustomerState, event: MessageFeedback) -> None:
     assert event.type in FEEDBACK_TYPES
     if event.type == "message.bounced" and event.channel == "email":
         state.email_bounced = True
-    elif event.type == "message.unsubscribed" and event.channel in ("push", "email", "sms", "kakao"):
+    elif event.type == "message.unsubscribed" and event.channel in SENDABLE_CHANNELS:
         state.consents[f"{event.channel}:marketing"] = False
 
 
