@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from datetime import timedelta
+from datetime import time, timedelta
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -72,11 +72,20 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class Repeat(_Strict):
+    """Start only once the trigger happened `count` times for the key within `within`."""
+
+    count: int = Field(ge=2)
+    within: Duration
+
+
 class Trigger(_Strict):
     event: KnownEventType | list[KnownEventType]
     when: Condition | None = None
     # A dotted path into the event (e.g. `properties.cart_id`): one journey per value.
     key: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+    # Counted in state, not in CEL: the counted events (views) are the busiest type.
+    repeat: Repeat | None = None
 
     @property
     def events(self) -> tuple[str, ...]:
@@ -97,9 +106,14 @@ class CancelOn(_Strict):
 
 class Step(_Strict):
     after: Duration
+    # Preference order; with `channel: best`, the fallback order.
     channels: list[ActionChannel] = Field(min_length=1)
+    # `best`: the reachable, consented channel with the highest engagement.
+    channel: Literal["best"] | None = None
     template: str = Field(min_length=1)
     payload: dict[str, Any] = {}
+    # Evaluated when the step is due; false gives a `suppressed` decision.
+    when: Condition | None = None
 
     @field_validator("channels")
     @classmethod
@@ -109,15 +123,40 @@ class Step(_Strict):
         return value
 
 
+class Variant(_Strict):
+    weight: float = Field(gt=0)
+    template: str | None = Field(None, min_length=1)
+    payload: dict[str, Any] = {}
+
+
+class Cap(_Strict):
+    limit: int = Field(ge=0)
+    window: Duration = timedelta(hours=24)
+
+
 class Rule(_Strict):
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$", max_length=64)
     description: str = ""
     category: Category
+    # Wins when caps force a choice between steps due together.
+    priority: int = 0
     trigger: Trigger
     cancel_on: list[CancelOn] = []
+    # Events that restart the clock of a running journey (default: the trigger events).
+    restart_on: list[KnownEventType] | None = None
     steps: list[Step] = Field(min_length=1)
-    # An action not sent by this long after its due time is dropped by senders.
+    # Not again for the same customer within this long after the previous start.
+    reentry: Duration | None = None
+    # At most one journey per customer and key, ever (welcome series).
+    once: bool = False
+    # Trigger events older than this when they arrive are ignored (late offline data).
+    max_event_age: Duration | None = None
+    # Counted from a step's due time: an action not sendable by then is dropped.
     expires_after: Duration = timedelta(hours=24)
+    holdout: float = Field(0.0, ge=0, lt=1)
+    variants: dict[str, Variant] = {}
+    # How many actions of this rule a customer may get per window.
+    cap: Cap | None = None
 
     @field_validator("steps")
     @classmethod
@@ -128,14 +167,56 @@ class Rule(_Strict):
         return steps
 
     @property
+    def restart_events(self) -> tuple[str, ...]:
+        return self.trigger.events if self.restart_on is None else tuple(self.restart_on)
+
+    @property
     def version(self) -> str:
         """A content hash: any change to the rule gives a new version."""
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
+_CLOCK = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
+
+
+class QuietHours(_Strict):
+    """A daily window in the customer's local time, e.g. 21:00-08:00 (may wrap midnight)."""
+
+    start: time
+    end: time
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            match = _CLOCK.match(data.strip())
+            if not match:
+                raise ValueError(f"quiet hours {data!r}: use HH:MM-HH:MM, like 21:00-08:00")
+            h1, m1, h2, m2 = (int(g) for g in match.groups())
+            return {"start": time(h1, m1), "end": time(h2, m2)}
+        return data
+
+
+class Caps(_Strict):
+    """Marketing actions per customer: across channels, per channel, per named channel."""
+
+    total: Cap = Cap(limit=3)
+    per_channel: Cap = Cap(limit=1)
+    channels: dict[ActionChannel, Cap] = {}
+
+
+class Policy(_Strict):
+    quiet_hours: QuietHours | None = QuietHours(start=time(21), end=time(8))
+    caps: Caps = Caps()
+    on_cap: Literal["drop", "defer"] = "drop"
+    # A global control group, applied before rule holdouts.
+    holdout: float = Field(0.0, ge=0, lt=1)
+
+
 class RulesFile(_Strict):
     version: Literal[1]
+    policy: Policy = Policy()
     rules: list[Rule] = []
 
     @field_validator("rules")

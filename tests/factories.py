@@ -94,8 +94,17 @@ CART_RULE: dict[str, Any] = {
 }
 
 
-def ruleset(*rules: dict[str, Any]) -> RuleSet:
-    return compile_rules(rules_from_data({"version": 1, "rules": list(rules) or [CART_RULE]}))
+# No quiet hours and loose caps: for tests about something else than the guards.
+NO_GUARDS: dict[str, Any] = {"quiet_hours": None, "caps": {"per_channel": {"limit": 10}}}
+
+
+def ruleset(*rules: dict[str, Any], policy: dict[str, Any] | None = None) -> RuleSet:
+    data = {
+        "version": 1,
+        "policy": NO_GUARDS if policy is None else policy,
+        "rules": list(rules) or [CART_RULE],
+    }
+    return compile_rules(rules_from_data(data))
 
 
 def minutes(n: float) -> timedelta:

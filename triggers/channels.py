@@ -39,13 +39,14 @@ def consented(
     return granted is not False
 
 
-def choose_channel(
+def candidates(
     state: CustomerState,
     channels: list[ActionChannel],
     category: Category,
     policy: ConsentPolicy,
-) -> tuple[ActionChannel, Recipient] | str:
-    """The first reachable, consented channel in preference order, else the reason why not."""
+) -> list[tuple[ActionChannel, Recipient]] | str:
+    """Reachable, consented channels in preference order, else the reason there are none."""
+    found: list[tuple[ActionChannel, Recipient]] = []
     reachable_somewhere = False
     for channel in channels:
         to = recipient(state, channel)
@@ -53,5 +54,7 @@ def choose_channel(
             continue
         reachable_somewhere = True
         if consented(state, channel, category, policy):
-            return channel, to
+            found.append((channel, to))
+    if found:
+        return found
     return "no_consent" if reachable_somewhere else "unreachable"

@@ -4,21 +4,34 @@ Inputs are events and timer firings. A timer firing carries no decision of its
 own: it only means "time has passed", and every step whose due time is <= now is
 evaluated. That makes a duplicate or stale timer harmless, so timers can be
 delivered at least once.
+
+A due step is checked in this order, and the first check that stops it names the
+decision: expiry, holdouts, the step's condition, quiet hours, reachability and
+consent, frequency caps. Only then does it fire.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from schemas.actions import Action, make_action_id
+from schemas.actions import Action, Recipient, make_action_id
 from schemas.decisions import Decision
 from schemas.events import ActionChannel, Event, event_adapter
-from triggers.channels import ConsentPolicy, choose_channel, recipient
+from triggers.channels import ConsentPolicy, candidates, recipient
+from triggers.guards import cap_free_at, in_holdout, pick_variant, quiet_until
 from triggers.ruleset import CompiledRule, RuleSet
-from triggers.state import CustomerState, Journey, apply_event, journey_slot, remember_event
+from triggers.state import (
+    RECENT_DECISIONS,
+    CustomerState,
+    Journey,
+    SentRecord,
+    apply_event,
+    journey_slot,
+    remember_event,
+)
 
 DEFAULT_JOURNEY_KEY = "customer"
 _ACTION_CHANNELS: tuple[ActionChannel, ...] = ("push", "email", "sms", "kakao")
@@ -86,42 +99,52 @@ def evolve(
     out = Output()
     if isinstance(item, TimerFired):
         _run_due_steps(state, now, rules, policy, out)
-        return out
-
-    event = item
-    if not remember_event(state, event.event_id):
+    elif not remember_event(state, item.event_id):
         out.applied = False
         return out
-    apply_event(state, event)
-    context = _LazyContext(state, event)
-    _cancel_journeys(state, event, context, rules, out, now)
-    _start_journeys(state, event, context, rules, now)
-    _run_due_steps(state, now, rules, policy, out)
+    else:
+        apply_event(state, item)
+        context = _LazyContext(state, item)
+        _cancel_journeys(state, item, context, rules, out, now)
+        _start_journeys(state, item, context, rules, out, now)
+        _run_due_steps(state, now, rules, policy, out)
+    prune(state, rules, now)
+    if out.decisions:
+        state.recent_decisions.extend(out.decisions)
+        del state.recent_decisions[:-RECENT_DECISIONS]
     return out
 
 
 class _LazyContext:
     """CEL variables, built only when a condition is actually evaluated."""
 
-    def __init__(self, state: CustomerState, event: Event) -> None:
+    def __init__(self, state: CustomerState, event: Event | None) -> None:
         self._state = state
         self._event = event
         self._event_view: dict[str, Any] | None = None
 
     def event_view(self) -> dict[str, Any]:
+        if self._event is None:
+            return {}
         if self._event_view is None:
             self._event_view = event_adapter.dump_python(self._event, mode="json")
         return self._event_view
 
-    def build(self, journey: Journey | None) -> Callable[[], dict[str, Any]]:
+    def build(self, journey: Journey | dict[str, Any] | None) -> Callable[[], dict[str, Any]]:
         def make() -> dict[str, Any]:
             return {
                 "event": self.event_view(),
                 "customer": customer_view(self._state),
-                "journey": journey_view(journey),
+                "journey": journey if isinstance(journey, dict) else journey_view(journey),
             }
 
         return make
+
+
+def lifecycle(state: CustomerState) -> str:
+    if state.order_count == 0:
+        return "prospect"
+    return "customer" if state.order_count == 1 else "repeat"
 
 
 def customer_view(state: CustomerState) -> dict[str, Any]:
@@ -138,6 +161,7 @@ def customer_view(state: CustomerState) -> dict[str, Any]:
         "push_tokens": len(state.push_tokens),
         "order_count": state.order_count,
         "revenue": state.revenue,
+        "lifecycle": lifecycle(state),
         "carts": {
             cart_id: {"item_count": cart.item_count, "value": cart.value}
             for cart_id, cart in state.carts.items()
@@ -155,6 +179,7 @@ def journey_view(journey: Journey | None) -> dict[str, Any]:
         "key": journey.key,
         "step": journey.next_step,
         "started_at": journey.started_at.isoformat(),
+        "variant": journey.variant,
     }
 
 
@@ -169,6 +194,9 @@ def journey_key(rule: CompiledRule, event: Event) -> str | None:
             value = value.get(part)
         else:
             value = getattr(value, part, None)
+            if value is None and part not in type(event).model_fields:
+                extra = getattr(event, "model_extra", None) or {}
+                value = extra.get(part)
         if value is None:
             return None
     return str(value)
@@ -183,75 +211,146 @@ def _cancel_journeys(
     now: datetime,
 ) -> None:
     for rule in rules.cancelled_by.get(event.type, ()):
+        cancels = [c for c in rule.cancels if c.event == event.type]
         for slot, journey in list(state.journeys.items()):
             if journey.rule_id != rule.id:
                 continue
-            for cancel in rule.cancels:
-                if cancel.event != event.type:
-                    continue
+            for cancel in cancels:
                 if cancel.when is not None and not cancel.when.holds(context.build(journey)):
                     continue
                 del state.journeys[slot]
                 out.decisions.append(
-                    Decision(
-                        customer_id=state.customer_id,
-                        rule_id=rule.id,
-                        rule_version=journey.rule_version,
-                        journey_key=journey.key,
-                        step=journey.next_step,
-                        outcome="cancelled",
-                        reason=cancel.reason,
-                        event_id=event.event_id,
-                        decided_at=now,
-                    )
+                    _decision(state, journey, now, outcome="cancelled", reason=cancel.reason,
+                              event_id=event.event_id)
                 )
                 break
+        if rule.rule.trigger.repeat is not None:
+            # A cancelling event also resets a repeat count ("3 views with no cart add");
+            # conditions see the counted key as `journey.key`.
+            for slot in [s for s in state.occurrences if s.startswith(f"{rule.id}|")]:
+                counting = {"rule_id": rule.id, "key": slot.split("|", 1)[1]}
+                if any(c.when is None or c.when.holds(context.build(counting)) for c in cancels):
+                    del state.occurrences[slot]
 
 
 def _start_journeys(
-    state: CustomerState, event: Event, context: _LazyContext, rules: RuleSet, now: datetime
+    state: CustomerState,
+    event: Event,
+    context: _LazyContext,
+    rules: RuleSet,
+    out: Output,
+    now: datetime,
 ) -> None:
     # A producer clock ahead of ours must not push steps into the future.
     anchor = min(event.occurred_at, now)
-    for rule in rules.triggered_by.get(event.type, ()):
+    for rule in rules.started_by.get(event.type, ()):
+        definition = rule.rule
         key = journey_key(rule, event)
         if key is None:
             continue
         slot = journey_slot(rule.id, key)
         journey = state.journeys.get(slot)
-        if rule.when is not None and not rule.when.holds(context.build(journey)):
-            continue
         if journey is not None:
-            # Restart the clock; steps already evaluated are not repeated. A late
-            # event never moves the clock backwards.
-            if anchor > journey.started_at:
-                journey.started_at = anchor
-                journey.due_at = anchor + rule.rule.steps[journey.next_step - 1].after
-            journey.trigger_event_id = event.event_id
-            journey.trigger_occurred_at = event.occurred_at
+            if event.type in definition.restart_events:
+                _restart(journey, rules, anchor, event)
             continue
+        if event.type not in definition.trigger.events:
+            continue
+        if definition.trigger.repeat is not None and not _repeated_enough(
+            state, slot, definition.trigger.repeat.count, definition.trigger.repeat.within,
+            anchor,
+        ):
+            continue
+        if definition.once and slot in state.once_started:
+            continue
+        if rule.when is not None and not rule.when.holds(context.build(None)):
+            continue
+        blocked = _start_blocked(state, rule, event, now)
+        if blocked is not None:
+            # Count afresh: not one more `reentry` decision for every further view.
+            state.occurrences.pop(slot, None)
+            out.decisions.append(
+                Decision(
+                    customer_id=state.customer_id, rule_id=rule.id, rule_version=rule.version,
+                    journey_key=key, step=1, outcome="suppressed", reason=blocked,
+                    event_id=event.event_id, decided_at=now,
+                )
+            )
+            continue
+        state.occurrences.pop(slot, None)
+        state.last_started[rule.id] = anchor
+        if definition.once:
+            state.once_started.append(slot)
+        due = anchor + definition.steps[0].after
         state.journeys[slot] = Journey(
             rule_id=rule.id,
             rule_version=rule.version,
             key=key,
             journey_id=event.event_id,
             started_at=anchor,
-            next_step=1,
-            due_at=anchor + rule.rule.steps[0].after,
+            due_at=due,
+            step_due_at=due,
+            variant=pick_variant(rule.id, definition.variants, state.customer_id),
             trigger_event_id=event.event_id,
             trigger_occurred_at=event.occurred_at,
         )
 
 
+def _restart(journey: Journey, rules: RuleSet, anchor: datetime, event: Event) -> None:
+    """Restart the clock; steps already evaluated are not repeated, and a late event
+    never moves the clock backwards."""
+    rule = rules.for_journey(journey.rule_id, journey.rule_version)
+    if rule is None or anchor <= journey.started_at:
+        return
+    journey.started_at = anchor
+    journey.step_due_at = anchor + rule.rule.steps[journey.next_step - 1].after
+    journey.due_at = journey.step_due_at
+    journey.trigger_event_id = event.event_id
+    journey.trigger_occurred_at = event.occurred_at
+
+
+def _repeated_enough(
+    state: CustomerState, slot: str, count: int, within: timedelta, at: datetime
+) -> bool:
+    seen = [t for t in state.occurrences.get(slot, []) if t > at - within]
+    seen.append(at)
+    state.occurrences[slot] = seen[-count:]
+    return len(seen) >= count
+
+
+def _start_blocked(
+    state: CustomerState, rule: CompiledRule, event: Event, now: datetime
+) -> str | None:
+    definition = rule.rule
+    if definition.max_event_age is not None and now - event.occurred_at > definition.max_event_age:
+        return "stale_event"
+    if definition.reentry is not None:
+        last = state.last_started.get(rule.id)
+        if last is not None and min(event.occurred_at, now) - last < definition.reentry:
+            return "reentry"
+    return None
+
+
 def _run_due_steps(
     state: CustomerState, now: datetime, rules: RuleSet, policy: EnginePolicy, out: Output
 ) -> None:
+    # One at a time, highest priority first: each firing counts against the caps
+    # the next one is checked with. A deferred step moves its due time past now.
     while True:
-        due = [(j.due_at, slot) for slot, j in state.journeys.items() if j.due_at <= now]
+        due = [
+            (-_priority(rules, j), j.due_at, slot)
+            for slot, j in state.journeys.items()
+            if j.due_at <= now
+        ]
         if not due:
             return
-        _, slot = min(due)
+        _, _, slot = min(due)
         _evaluate_step(state, slot, now, rules, policy, out)
+
+
+def _priority(rules: RuleSet, journey: Journey) -> int:
+    rule = rules.for_journey(journey.rule_id, journey.rule_version)
+    return rule.rule.priority if rule is not None else 0
 
 
 def _evaluate_step(
@@ -263,7 +362,7 @@ def _evaluate_step(
     out: Output,
 ) -> None:
     journey = state.journeys[slot]
-    compiled = rules.by_id.get(journey.rule_id)
+    compiled = rules.for_journey(journey.rule_id, journey.rule_version)
     if compiled is None:
         # The rule is gone: nothing can be evaluated for this journey any more.
         del state.journeys[slot]
@@ -273,55 +372,145 @@ def _evaluate_step(
         return
     rule = compiled.rule
     step = rule.steps[journey.next_step - 1]
-    choice = choose_channel(state, step.channels, rule.category, policy.consent_policy)
-    if isinstance(choice, str):
-        out.decisions.append(_decision(state, journey, now, outcome="suppressed", reason=choice))
-    else:
-        channel, to = choice
-        action_id = make_action_id(
-            rule.id, state.customer_id, journey.journey_id, journey.next_step
-        )
-        payload: dict[str, Any] = {}
-        cart = state.carts.get(journey.key)
-        if cart is not None:
-            payload.update(cart.as_payload(journey.key))
-        payload.update(step.payload)
-        out.actions.append(
-            Action(
-                action_id=action_id,
-                rule_id=rule.id,
-                rule_version=journey.rule_version,
-                step=journey.next_step,
-                customer_id=state.customer_id,
-                journey_key=journey.key,
-                channel=channel,
-                category=rule.category,
-                template=step.template,
-                variant=None,
-                recipient=to,
-                payload=payload,
-                created_at=now,
-                due_at=journey.due_at,
-                expires_at=journey.due_at + rule.expires_after,
-                trigger_event_id=journey.trigger_event_id,
-                trigger_occurred_at=journey.trigger_occurred_at,
-            )
-        )
+    expires_at = journey.step_due_at + rule.expires_after
+    marketing = rule.category == "marketing"
+
+    def suppress(reason: str) -> None:
+        out.decisions.append(_decision(state, journey, now, outcome="suppressed", reason=reason))
+        _advance(state, slot, journey, compiled)
+
+    def defer(until: datetime, reason: str) -> None:
+        journey.due_at = until
         out.decisions.append(
-            _decision(
-                state, journey, now, outcome="fired", channel=channel, action_id=action_id
-            )
+            _decision(state, journey, now, outcome="deferred", reason=reason, until=until)
         )
-    if journey.next_step >= len(rule.steps):
+
+    if now > expires_at:
+        return suppress("expired")
+    if marketing:
+        group = _holdout_group(rules, compiled, state.customer_id)
+        if group is not None:
+            out.decisions.append(
+                _decision(state, journey, now, outcome="held_out", reason="holdout", group=group)
+            )
+            return _advance(state, slot, journey, compiled)
+    condition = compiled.step_conditions[journey.next_step - 1]
+    if condition is not None and not condition.holds(_LazyContext(state, None).build(journey)):
+        return suppress("condition_false")
+    if marketing and rules.policy.quiet_hours is not None:
+        timezone = state.timezone or policy.default_timezone
+        until = quiet_until(rules.policy.quiet_hours, now, timezone)
+        if until is not None:
+            if until > expires_at:
+                return suppress("quiet_hours_expired")
+            return defer(until, "quiet_hours")
+
+    options = candidates(state, step.channels, rule.category, policy.consent_policy)
+    if isinstance(options, str):
+        return suppress(options)
+    if step.channel == "best":
+        options = _by_engagement(state, options)
+    if marketing:
+        free_times = []
+        allowed = []
+        for channel, to in options:
+            free_at = cap_free_at(
+                state.sent_log, channel, rule.id, rules.policy.caps, rule.cap, now
+            )
+            if free_at is None:
+                allowed.append((channel, to))
+            else:
+                free_times.append(free_at)
+        if not allowed:
+            until = min(free_times)
+            if rules.policy.on_cap == "defer" and until <= expires_at:
+                return defer(until, "frequency_cap")
+            return suppress("frequency_cap")
+        options = allowed
+    channel, to = options[0]
+    _fire(state, journey, compiled, channel, to, now, out)
+    _advance(state, slot, journey, compiled)
+
+
+def _holdout_group(rules: RuleSet, rule: CompiledRule, customer_id: str) -> str | None:
+    if in_holdout(rules.policy.holdout, "global", customer_id):
+        return "global"
+    if in_holdout(rule.rule.holdout, rule.id, customer_id):
+        return f"rule:{rule.id}"
+    return None
+
+
+def _by_engagement(
+    state: CustomerState, options: list[tuple[ActionChannel, Recipient]]
+) -> list[tuple[ActionChannel, Recipient]]:
+    # Stable sort: channels without feedback keep the rule's listed order.
+    def rate(option: tuple[ActionChannel, Recipient]) -> float:
+        engagement = state.engagement.get(option[0])
+        return -engagement.rate if engagement is not None else 0.0
+
+    return sorted(options, key=rate)
+
+
+def _fire(
+    state: CustomerState,
+    journey: Journey,
+    compiled: CompiledRule,
+    channel: ActionChannel,
+    to: Recipient,
+    now: datetime,
+    out: Output,
+) -> None:
+    rule = compiled.rule
+    step = rule.steps[journey.next_step - 1]
+    variant = rule.variants.get(journey.variant) if journey.variant else None
+    payload: dict[str, Any] = {}
+    cart = state.carts.get(journey.key)
+    if cart is not None:
+        payload.update(cart.as_payload(journey.key))
+    payload.update(step.payload)
+    if variant is not None:
+        payload.update(variant.payload)
+    action_id = make_action_id(rule.id, state.customer_id, journey.journey_id, journey.next_step)
+    out.actions.append(
+        Action(
+            action_id=action_id,
+            rule_id=rule.id,
+            rule_version=journey.rule_version,
+            step=journey.next_step,
+            customer_id=state.customer_id,
+            journey_key=journey.key,
+            channel=channel,
+            category=rule.category,
+            template=variant.template if variant and variant.template else step.template,
+            variant=journey.variant,
+            recipient=to,
+            payload=payload,
+            created_at=now,
+            due_at=journey.step_due_at,
+            expires_at=journey.step_due_at + rule.expires_after,
+            trigger_event_id=journey.trigger_event_id,
+            trigger_occurred_at=journey.trigger_occurred_at,
+        )
+    )
+    out.decisions.append(
+        _decision(state, journey, now, outcome="fired", channel=channel, action_id=action_id)
+    )
+    if rule.category == "marketing":
+        state.sent_log.append(SentRecord(at=now, channel=channel, rule_id=rule.id))
+
+
+def _advance(state: CustomerState, slot: str, journey: Journey, compiled: CompiledRule) -> None:
+    steps = compiled.rule.steps
+    if journey.next_step >= len(steps):
         del state.journeys[slot]
         return
     journey.next_step += 1
-    journey.due_at = journey.started_at + rule.steps[journey.next_step - 1].after
+    journey.step_due_at = journey.started_at + steps[journey.next_step - 1].after
+    journey.due_at = journey.step_due_at
 
 
-def _decision(
-    state: CustomerState, journey: Journey, now: datetime, **fields: Any
-) -> Decision:
+def _decision(state: CustomerState, journey: Journey, now: datetime, **fields: Any) -> Decision:
+    fields.setdefault("event_id", journey.trigger_event_id)
     return Decision(
         customer_id=state.customer_id,
         rule_id=journey.rule_id,
@@ -329,6 +518,12 @@ def _decision(
         journey_key=journey.key,
         step=journey.next_step,
         decided_at=now,
-        event_id=journey.trigger_event_id,
         **fields,
     )
+
+
+def prune(state: CustomerState, rules: RuleSet, now: datetime) -> None:
+    """Drop what no rule can look at any more, keeping state small."""
+    horizon = now - rules.cap_horizon
+    if state.sent_log and state.sent_log[0].at <= horizon:
+        state.sent_log = [r for r in state.sent_log if r.at > horizon]

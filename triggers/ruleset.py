@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import timedelta
 
-from schemas.rules import CancelOn, Rule, RulesError, RulesFile
+from schemas.rules import CancelOn, Policy, Rule, RulesError, RulesFile
 from triggers.conditions import Condition, ConditionError
+from triggers.guards import longest_window
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,7 @@ class CompiledRule:
     version: str
     when: Condition | None
     cancels: tuple[CompiledCancel, ...]
+    step_conditions: tuple[Condition | None, ...]
 
     @property
     def id(self) -> str:
@@ -31,11 +34,23 @@ class CompiledRule:
 @dataclass(frozen=True)
 class RuleSet:
     rules: tuple[CompiledRule, ...]
+    policy: Policy = field(default_factory=Policy)
     by_id: dict[str, CompiledRule] = field(default_factory=dict)
-    # Event type -> rules it triggers / may cancel: most events touch no rule, and
-    # building a CEL context is the expensive part, so skip rules by type first.
-    triggered_by: dict[str, tuple[CompiledRule, ...]] = field(default_factory=dict)
+    # Every version still in use, so running journeys keep the rule they started with.
+    by_version: dict[str, CompiledRule] = field(default_factory=dict)
+    # Event type -> rules it may start or restart / may cancel: most events touch no
+    # rule, and building a CEL context is the expensive part, so skip rules by type first.
+    started_by: dict[str, tuple[CompiledRule, ...]] = field(default_factory=dict)
     cancelled_by: dict[str, tuple[CompiledRule, ...]] = field(default_factory=dict)
+    # How far back the caps look: older sends are dropped from state.
+    cap_horizon: timedelta = timedelta(days=1)
+
+    def for_journey(self, rule_id: str, version: str) -> CompiledRule | None:
+        """The rule version a journey started with; None once the rule is removed."""
+        current = self.by_id.get(rule_id)
+        if current is None:
+            return None
+        return self.by_version.get(version, current)
 
 
 def _compile(source: str | None, rule_id: str, where: str) -> Condition | None:
@@ -55,25 +70,41 @@ def _compile_cancel(cancel: CancelOn, rule_id: str, index: int) -> CompiledCance
     )
 
 
-def compile_rules(rules_file: RulesFile) -> RuleSet:
-    compiled = []
-    triggered: dict[str, list[CompiledRule]] = defaultdict(list)
+def compile_rule(rule: Rule) -> CompiledRule:
+    return CompiledRule(
+        rule=rule,
+        version=rule.version,
+        when=_compile(rule.trigger.when, rule.id, "trigger.when"),
+        cancels=tuple(_compile_cancel(c, rule.id, i) for i, c in enumerate(rule.cancel_on)),
+        step_conditions=tuple(
+            _compile(step.when, rule.id, f"steps.{i}.when") for i, step in enumerate(rule.steps)
+        ),
+    )
+
+
+def compile_rules(rules_file: RulesFile, previous: RuleSet | None = None) -> RuleSet:
+    """Compile a rules file; with `previous`, keep its older versions of rules that remain."""
+    compiled = [compile_rule(rule) for rule in rules_file.rules]
+    started: dict[str, list[CompiledRule]] = defaultdict(list)
     cancelled: dict[str, list[CompiledRule]] = defaultdict(list)
-    for rule in rules_file.rules:
-        item = CompiledRule(
-            rule=rule,
-            version=rule.version,
-            when=_compile(rule.trigger.when, rule.id, "trigger.when"),
-            cancels=tuple(_compile_cancel(c, rule.id, i) for i, c in enumerate(rule.cancel_on)),
-        )
-        compiled.append(item)
-        for event_type in rule.trigger.events:
-            triggered[event_type].append(item)
-        for event_type in {c.event for c in item.cancels}:
+    for item in compiled:
+        for event_type in dict.fromkeys(item.rule.trigger.events + item.rule.restart_events):
+            started[event_type].append(item)
+        for event_type in dict.fromkeys(c.event for c in item.cancels):
             cancelled[event_type].append(item)
+    by_id = {r.id: r for r in compiled}
+    by_version: dict[str, CompiledRule] = {}
+    if previous is not None:
+        by_version.update(
+            (v, r) for v, r in previous.by_version.items() if r.id in by_id
+        )
+    by_version.update((r.version, r) for r in compiled)
     return RuleSet(
         rules=tuple(compiled),
-        by_id={r.id: r for r in compiled},
-        triggered_by={k: tuple(v) for k, v in triggered.items()},
+        policy=rules_file.policy,
+        by_id=by_id,
+        by_version=by_version,
+        started_by={k: tuple(v) for k, v in started.items()},
         cancelled_by={k: tuple(v) for k, v in cancelled.items()},
+        cap_horizon=longest_window(rules_file.policy.caps, (r.rule.cap for r in compiled)),
     )

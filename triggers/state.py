@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from schemas.decisions import Decision
 from schemas.events import (
     FEEDBACK_TYPES,
     CartItemAdded,
@@ -22,7 +23,9 @@ from schemas.events import (
 
 # Recent event ids per customer: at-least-once delivery redelivers events after a
 # crash, and applying one twice would double cart quantities or revenue.
-RECENT_EVENT_IDS = 64
+RECENT_EVENT_IDS = 32
+# Decisions kept per customer to answer "why (not)?" without another store.
+RECENT_DECISIONS = 20
 SENDABLE_CHANNELS = frozenset({"push", "email", "sms", "kakao"})
 
 
@@ -56,6 +59,25 @@ class Cart(BaseModel):
         }
 
 
+class SentRecord(BaseModel):
+    """A marketing action sent, for frequency caps."""
+
+    model_config = ConfigDict(extra="forbid")
+    at: datetime
+    channel: str
+    rule_id: str
+
+
+class Engagement(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sent: int = 0
+    engaged: int = 0
+
+    @property
+    def rate(self) -> float:
+        return self.engaged / self.sent if self.sent else 0.0
+
+
 class Journey(BaseModel):
     """One running instance of a rule for a customer (and key, e.g. one cart)."""
 
@@ -68,7 +90,11 @@ class Journey(BaseModel):
     # Step delays count from here: the last (re)start of the journey.
     started_at: datetime
     next_step: int = 1
+    # When the pending step is next evaluated: its due time, or later when deferred.
     due_at: datetime
+    # The pending step's own due time (`started_at` + its `after`); expiry counts from it.
+    step_due_at: datetime
+    variant: str | None = None
     trigger_event_id: str
     trigger_occurred_at: datetime
 
@@ -91,7 +117,15 @@ class CustomerState(BaseModel):
     order_count: int = 0
     revenue: float = 0.0
     journeys: dict[str, Journey] = {}
+    # rule id -> when its last journey started (reentry); slots of `once` rules started.
+    last_started: dict[str, datetime] = {}
+    once_started: list[str] = []
+    # Repeat triggers (rule|key -> recent occurrences), e.g. product views.
+    occurrences: dict[str, list[datetime]] = {}
+    sent_log: list[SentRecord] = []
+    engagement: dict[str, Engagement] = {}
     recent_event_ids: list[str] = Field(default_factory=list)
+    recent_decisions: list[Decision] = []
 
     def next_due(self) -> datetime | None:
         """When this customer next needs the timer (None: no pending step)."""
@@ -161,8 +195,16 @@ def apply_event(state: CustomerState, event: Event) -> None:
             pass
 
 
+ENGAGED = frozenset({"message.opened", "message.clicked"})
+
+
 def _apply_feedback(state: CustomerState, event: MessageFeedback) -> None:
     assert event.type in FEEDBACK_TYPES
+    if event.channel in SENDABLE_CHANNELS:
+        if event.type == "message.sent":
+            state.engagement.setdefault(event.channel, Engagement()).sent += 1
+        elif event.type in ENGAGED:
+            state.engagement.setdefault(event.channel, Engagement()).engaged += 1
     if event.type == "message.bounced" and event.channel == "email":
         state.email_bounced = True
     elif event.type == "message.unsubscribed" and event.channel in SENDABLE_CHANNELS:

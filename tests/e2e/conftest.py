@@ -13,6 +13,9 @@ from omnicue.topics import create_topics
 # Seconds, so a whole journey runs within a test.
 E2E_RULES = """
 version: 1
+policy:
+  quiet_hours: null
+  caps: {per_channel: {limit: 5}}
 rules:
   - id: cart_abandonment
     category: marketing

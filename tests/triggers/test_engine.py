@@ -198,8 +198,21 @@ def test_decide_does_not_mutate_its_input_state() -> None:
 
 
 def test_late_timer_fires_every_step_that_is_due_in_order() -> None:
-    _, actions, _ = run([at(identify()), at(consent("email")), at(cart_add()), tick(3 * 24 * 60)])
+    _, actions, decisions = run(
+        [at(identify()), at(consent("email")), at(cart_add()), tick(24 * 60 + 10)]
+    )
     assert [a.step for a in actions] == [1, 2]
+
+
+def test_a_step_not_sendable_before_it_expires_is_dropped_as_expired() -> None:
+    # Step 1 was due at 00:30 and expires 24h later; step 2 (due 24:00) is still fresh.
+    _, actions, decisions = run(
+        [at(identify()), at(consent("email")), at(cart_add()), tick(25 * 60)]
+    )
+    assert [a.step for a in actions] == [2]
+    assert [(d.step, d.outcome, d.reason) for d in decisions] == [
+        (1, "suppressed", "expired"), (2, "fired", None)
+    ]
 
 
 def test_transactional_rules_need_no_opt_in_but_respect_revocation() -> None:
