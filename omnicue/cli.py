@@ -31,13 +31,20 @@ def worker(
     rules: Annotated[Path | None, typer.Option(help="Rules file (default: OMNICUE_RULES)")] = None,
 ) -> None:
     """Run a pipeline worker (creates missing topics first)."""
-    from omnicue.rules import load_rules
+    from omnicue.rules import load_rules, read_applied_rules
     from omnicue.topics import create_topics
     from streams.worker import run_worker
+    from triggers.ruleset import compile_rules
 
     settings = _settings()
-    ruleset = _load_or_exit(load_rules, rules or settings.rules)
     create_topics(settings)
+    # Rules applied with `omnicue rules apply` are the live configuration and win over
+    # the file; the worker then follows the rules topic while it runs.
+    applied = read_applied_rules(settings)
+    if applied is not None:
+        ruleset = compile_rules(applied)
+    else:
+        ruleset = _load_or_exit(load_rules, rules or settings.rules)
     run_worker(settings, ruleset)
 
 
@@ -120,6 +127,119 @@ def dev(
     from omnicue.dev import run_dev
 
     raise typer.Exit(run_dev(rules=rules, simulate=simulate))
+
+
+@app.command()
+def replay(
+    events: Annotated[Path, typer.Argument(help="Event log: contract JSONL or REES46 CSV")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the actions (JSONL)")],
+    decisions: Annotated[
+        Path | None, typer.Option(help="Also write the decisions (JSONL) here")
+    ] = None,
+    rules: Annotated[
+        Path | None, typer.Option(help="Rules file (default: the packaged rules)")
+    ] = None,
+    until: Annotated[
+        str | None,
+        typer.Option(help="Fire timers up to this RFC 3339 time (default: the last event)"),
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", help="jsonl or rees46")] = "jsonl",
+    progress: Annotated[bool, typer.Option("--progress", help="Progress bar on stderr")] = False,
+    synthetic_contacts: Annotated[
+        bool,
+        typer.Option(help="rees46: give each user an email and consent (the data has none)"),
+    ] = False,
+) -> None:
+    """Backtest rules offline: replay an event log through the engine in event time."""
+    from omnicue.replay import FORMATS, parse_until, run_replay
+    from schemas.rules import RulesError
+
+    if fmt not in FORMATS:
+        typer.echo(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}", err=True)
+        raise typer.Exit(2)
+    try:
+        horizon = parse_until(until) if until is not None else None
+    except ValueError as exc:
+        typer.echo(f"--until: {exc}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        summary = run_replay(
+            events,
+            out,
+            decisions,
+            rules,
+            horizon,
+            fmt,
+            progress,
+            _settings(),
+            synthetic_contacts=synthetic_contacts,
+        )
+    except RulesError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        typer.echo(f"{exc.filename or events}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(summary.render())
+
+
+@rules_app.command("apply")
+def rules_apply(path: Path) -> None:
+    """Validate a rules file, then publish it: running workers switch without a restart."""
+    from omnicue.rules import apply_rules
+    from omnicue.topics import create_topics
+    from schemas.rules import RulesError
+
+    settings = _settings()
+    create_topics(settings)
+    try:
+        applied = apply_rules(settings, path)
+    except RulesError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    for rule in applied.rules:
+        typer.echo(f"applied {rule.id} version {rule.version}")
+
+
+@app.command()
+def explain(
+    customer_id: str,
+    worker: Annotated[
+        str | None, typer.Option(help="Any worker's URL (default: this host's web port)")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON")] = False,
+) -> None:
+    """Why did (or didn't) this customer get a message? Journeys and last decisions."""
+    import json
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    settings = _settings()
+    base = worker or f"http://127.0.0.1:{settings.web_port}"
+    url = f"{base.rstrip('/')}/customers/{urllib.parse.quote(customer_id, safe='')}/decisions"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            body = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            typer.echo(f"no state for customer {customer_id!r}: no event seen for them yet")
+            raise typer.Exit(1) from None
+        typer.echo(f"{url}: HTTP {exc.code}", err=True)
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        typer.echo(f"cannot reach a worker at {base}: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(json.dumps(body, indent=2))
+        return
+    typer.echo(f"customer {body['customer_id']}")
+    typer.echo("journeys in progress:" if body["journeys"] else "no journey in progress")
+    for journey in body["journeys"]:
+        typer.echo(f"  {journey['text']}")
+    typer.echo("last decisions (newest first):" if body["decisions"] else "no decision yet")
+    for decision in body["decisions"]:
+        typer.echo(f"  {decision['text']}")
 
 
 def _load_or_exit(loader: Callable[[Path | None], RuleSet], path: Path | None) -> RuleSet:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from importlib import resources
 from pathlib import Path
 
+import orjson
 import yaml
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+from omnicue.settings import Settings
 from schemas.rules import RulesError, RulesFile, rules_from_data
+from schemas.topics import RULES, RULES_KEY
 from triggers.ruleset import RuleSet, compile_rules
 
 PACKAGED = ("default", "demo")
@@ -37,3 +42,55 @@ def read_rules_file(path: Path | None) -> RulesFile:
 def load_rules(path: Path | None) -> RuleSet:
     """Validate and compile; raises `RulesError` naming the rule and field."""
     return compile_rules(read_rules_file(path))
+
+
+def apply_rules(settings: Settings, path: Path) -> RulesFile:
+    """Validate, then publish the file to the compacted rules topic for live workers."""
+    text = path.read_text(encoding="utf-8")
+    rules_file = parse_rules_text(text, str(path))
+    compile_rules(rules_file)  # CEL errors fail here, before anything is published
+    message = orjson.dumps(
+        {"source": str(path), "text": text, "versions": {r.id: r.version for r in rules_file.rules}}
+    )
+    producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all")
+    try:
+        producer.send(RULES, key=RULES_KEY, value=message).get(timeout=30)
+    finally:
+        producer.close()
+    return rules_file
+
+
+def decode_applied(value: bytes) -> tuple[RulesFile, str]:
+    """An `omnicue.rules` record: the rules file and where it came from."""
+    data = orjson.loads(value)
+    source = str(data.get("source", RULES))
+    return parse_rules_text(str(data["text"]), f"{RULES} ({source})"), source
+
+
+def read_applied_rules(settings: Settings, idle: float = 1.0) -> RulesFile | None:
+    """The latest applied rules file, or None if none was ever applied.
+
+    Reads the topic from the start until it stays quiet for `idle` seconds rather
+    than comparing with end offsets, which the dev broker reports wrongly.
+    """
+    consumer = KafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers, group_id=None, enable_auto_commit=False
+    )
+    try:
+        partitions = consumer.partitions_for_topic(RULES) or set()
+        if not partitions:
+            return None
+        assigned = [TopicPartition(RULES, p) for p in sorted(partitions)]
+        consumer.assign(assigned)
+        consumer.seek_to_beginning(*assigned)
+        latest: bytes | None = None
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < idle:
+            for records in consumer.poll(timeout_ms=200).values():
+                for record in records:
+                    if record.key == RULES_KEY and record.value:
+                        latest = record.value
+                    quiet_since = time.monotonic()
+        return None if latest is None else decode_applied(latest)[0]
+    finally:
+        consumer.close()

@@ -6,6 +6,7 @@ nothing reads the environment on its own.
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -28,6 +29,9 @@ class Settings(BaseSettings):
     app_id: str = "omnicue"
     web_host: str = "127.0.0.1"
     web_port: int = 6066
+    # The URL other workers use to reach this one (forwarding customer lookups to
+    # their owner); default: http://<web host, or this hostname when 0.0.0.0>:<port>.
+    advertised_url: str | None = None
     data_dir: Path = Path(".omnicue")
     store: str = Field("rocksdb://", description="Faust table store: rocksdb:// or memory://")
     batch_size: int = Field(500, ge=1, description="Max events per processing batch")
@@ -48,6 +52,13 @@ class Settings(BaseSettings):
         except (ZoneInfoNotFoundError, ValueError) as exc:
             raise ValueError(f"unknown IANA timezone {value!r}") from exc
         return value
+
+    @property
+    def canonical_url(self) -> str:
+        if self.advertised_url:
+            return self.advertised_url
+        host = socket.gethostname() if self.web_host in ("0.0.0.0", "::") else self.web_host
+        return f"http://{host}:{self.web_port}"
 
     @property
     def bootstrap_servers(self) -> list[str]:

@@ -16,12 +16,12 @@ from kafka.admin import KafkaAdminClient
 from kafka.errors import RetriableError, TopicAlreadyExistsError, for_code
 
 from omnicue.settings import Settings
-from schemas.topics import CUSTOMER_INPUTS, PUBLIC_TOPICS
+from schemas.topics import CUSTOMER_INPUTS, PUBLIC_TOPICS, RULES
 
 log = logging.getLogger(__name__)
 
-# Latest rule set per rule id; compaction keeps it bounded however often rules change.
-RULES_TOPIC = "omnicue.rules"
+# The latest applied rules file; compaction keeps it bounded however often rules change.
+RULES_TOPIC = RULES
 
 
 def topic_specs(settings: Settings, extra: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
@@ -30,7 +30,12 @@ def topic_specs(settings: Settings, extra: Iterable[str] = ()) -> dict[str, dict
     specs: dict[str, dict[str, Any]] = {
         name: dict(plain) for name in (*PUBLIC_TOPICS, CUSTOMER_INPUTS, *extra)
     }
-    specs[RULES_TOPIC] = {**plain, "configs": {"cleanup.policy": "compact"}}
+    # One partition: every worker reads the whole topic, in order.
+    specs[RULES_TOPIC] = {
+        "num_partitions": 1,
+        "replication_factor": 1,
+        "configs": {"cleanup.policy": "compact"},
+    }
     return specs
 
 

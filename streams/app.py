@@ -46,6 +46,7 @@ def faust_app(settings: Settings) -> faust.App:
         autodiscover=False,
         web_host=settings.web_host,
         web_port=settings.web_port,
+        canonical_url=settings.canonical_url,
         web_enabled=True,
         topic_partitions=settings.partitions,
         # Idempotent/transactional producers fail on the dev broker, and faust's
@@ -76,6 +77,7 @@ def create_app(
     # Imported here: each module registers one kind of Faust object on the app.
     from streams.customers import register_customer_agent
     from streams.ingest import register_ingest_agent
+    from streams.rules_watch import register_rules_watcher
     from streams.tables import declare_customer_table
     from streams.timers import register_timers
     from streams.views import register_views
@@ -99,4 +101,5 @@ def create_app(
     register_customer_agent(pipeline)
     register_timers(pipeline)
     register_views(pipeline)
+    register_rules_watcher(pipeline)
     return pipeline

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any
 from faust.web import Request, Response, View
 
 from omnicue.metrics import CONTENT_TYPE
+from triggers.explain import explanation
+from triggers.state import CustomerState
 
 if TYPE_CHECKING:
     from streams.app import Pipeline
@@ -23,3 +25,18 @@ def register_views(p: Pipeline) -> None:
         return web.json(body)
 
     p.app.page("/health")(health)
+
+    class CustomerDecisions(View):
+        """Journeys and recent decisions of one customer, answered by the worker that
+        owns the customer (faust forwards the request there)."""
+
+        # faust types table_route for plain view functions; methods work the same.
+        @p.app.table_route(table=p.customers, match_info="customer_id")  # type: ignore[arg-type]
+        async def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+            customer_id: str = request.match_info["customer_id"]
+            raw = p.customers.get(customer_id.encode())
+            if raw is None:
+                return self.json({"error": f"no state for customer {customer_id!r}"}, status=404)
+            return self.json(explanation(CustomerState.model_validate_json(raw)))
+
+    p.app.page("/customers/{customer_id}/decisions")(CustomerDecisions)

@@ -1,0 +1,60 @@
+"""Live rules: every worker follows the compacted `omnicue.rules` topic.
+
+Not a faust agent: agents share the worker group, so only one worker would see
+each update. Each worker reads the whole (one-partition) topic itself instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from aiokafka import AIOKafkaConsumer
+
+from omnicue.rules import decode_applied
+from schemas.rules import RulesError
+from schemas.topics import RULES, RULES_KEY
+from triggers.ruleset import compile_rules
+
+if TYPE_CHECKING:
+    from streams.app import Pipeline
+
+log = logging.getLogger(__name__)
+
+
+def register_rules_watcher(p: Pipeline) -> None:
+    async def follow_rules() -> None:
+        consumer = AIOKafkaConsumer(
+            RULES,
+            bootstrap_servers=p.settings.bootstrap_servers,
+            group_id=None,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        )
+        await consumer.start()
+        try:
+            async for record in consumer:
+                if record.key == RULES_KEY and record.value:
+                    apply_record(p, record.value)
+        except asyncio.CancelledError:
+            raise
+        finally:
+            await consumer.stop()
+
+    p.app.task(follow_rules)
+
+
+def apply_record(p: Pipeline, value: bytes) -> None:
+    try:
+        rules_file, source = decode_applied(value)
+        new = compile_rules(rules_file, previous=p.rules)
+    except (RulesError, ValueError, KeyError) as exc:
+        # `omnicue rules apply` validates first; a bad record here keeps the rules running.
+        log.error("ignoring an invalid rules update: %s", exc)
+        return
+    changed = {r.id: r.version for r in new.rules} != {r.id: r.version for r in p.rules.rules}
+    p.rules = new
+    if changed:
+        versions = ", ".join(f"{r.id}@{r.version}" for r in new.rules)
+        log.info("rules updated from %s: %s", source, versions)
