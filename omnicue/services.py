@@ -8,11 +8,13 @@ because nobody drains a pipe and a full one blocks the child.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import os
 import re
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -33,6 +35,19 @@ _live: set[ManagedProcess] = set()
 
 class ServiceError(RuntimeError):
     """A child process failed to start, exited early, or a wait timed out."""
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the parent dies without stopping us (SIGKILL).
+
+    Children run in their own session, so a terminal's signals don't reach them; this
+    keeps a hard-killed `omnicue dev` or test run from leaving brokers behind. Linux only.
+    """
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -101,6 +116,7 @@ class ManagedProcess:
                 env=self.env,
                 cwd=self.cwd,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         _live.add(self)
         try:
