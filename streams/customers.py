@@ -17,8 +17,9 @@ from faust.streams import _current_event
 from faust.types import EventT, StreamT
 
 from schemas.events import describe_validation_error
-from streams.ingest import send_to_dead_letters
+from streams.ingest import dead_letter
 from streams.inputs import decode_input
+from streams.outbox import Outbox
 from triggers.engine import Output, TimerFired, evolve, new_state
 from triggers.state import CustomerState
 
@@ -53,6 +54,7 @@ async def process_batch(p: Pipeline, batch: Sequence[EventT[bytes]]) -> None:
         groups.setdefault(event.message.key or b"", []).append(event)
     p.metrics.batch_events.observe(len(batch))
     now = p.clock()
+    outbox = Outbox(p.settings.partitions)
     for key, inputs in groups.items():
         _use_event_context(inputs[-1])
         raw = p.customers.get(key)
@@ -70,28 +72,27 @@ async def process_batch(p: Pipeline, batch: Sequence[EventT[bytes]]) -> None:
                 outputs.append(evolve(state, item, now, p.rules, p.policy))
             except Exception as exc:  # noqa: BLE001 - one bad input must not stop everyone
                 log.exception("cannot process input for customer %r", key)
-                await send_to_dead_letters(
-                    p, event, "decide", type(exc).__name__, describe_validation_error(exc)
+                dead_letter(
+                    p, event, outbox, "decide", type(exc).__name__, describe_validation_error(exc)
                 )
         _use_event_context(inputs[-1])
         p.customers[key] = state.model_dump_json(exclude_defaults=True).encode()
         p.schedule.set_due(key, state.next_due(), inputs[-1].message.partition)
         for out in outputs:
-            await emit(p, key, out)
+            emit(p, key, out, outbox)
+    await outbox.flush()
     p.metrics.timers_pending.set(len(p.schedule))
 
 
-async def emit(p: Pipeline, key: bytes, out: Output) -> None:
+def emit(p: Pipeline, key: bytes, out: Output, outbox: Outbox) -> None:
     for action in out.actions:
         topic = p.topics.actions[action.channel]
-        await topic.send(key=key, value=action.model_dump_json().encode())
+        outbox.add(topic, key, action.model_dump_json().encode())
         p.metrics.actions.labels(rule=action.rule_id, channel=action.channel).inc()
         latency = (action.created_at - action.due_at).total_seconds()
         p.metrics.event_to_action_latency.observe(max(0.0, latency))
     for decision in out.decisions:
-        await p.topics.decisions.send(
-            key=key, value=decision.model_dump_json(exclude_none=True).encode()
-        )
+        outbox.add(p.topics.decisions, key, decision.model_dump_json(exclude_none=True).encode())
         p.metrics.decisions.labels(
             outcome=decision.outcome, reason=decision.reason or "none"
         ).inc()

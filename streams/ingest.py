@@ -13,8 +13,9 @@ from faust import Stream
 from faust.types import EventT, StreamT
 from pydantic import ValidationError
 
-from schemas.events import customer_key, describe_validation_error, event_adapter
+from schemas.events import Event, customer_key, describe_validation_error, event_adapter
 from streams.inputs import encode_event
+from streams.outbox import Outbox
 
 if TYPE_CHECKING:
     from streams.app import Pipeline
@@ -28,41 +29,44 @@ def register_ingest_agent(p: Pipeline) -> None:
             p.settings.batch_size, p.settings.batch_within
         )
         async for batch in batches:
+            outbox = Outbox(p.settings.partitions)
             for event in batch:
-                await route_event(p, event)
+                route_event(p, event, outbox)
+            await outbox.flush()
 
     p.app.agent(p.topics.events, name="omnicue.ingest")(ingest)
 
 
-async def route_event(p: Pipeline, event: EventT[bytes]) -> None:
+def route_event(p: Pipeline, event: EventT[bytes], outbox: Outbox) -> None:
     message = event.message
     raw = message.value
     if not raw:
-        await send_to_dead_letters(p, event, "ingest", "empty", "the record has no value")
+        dead_letter(p, event, outbox, "ingest", "empty", "the record has no value")
         return
     try:
         parsed = event_adapter.validate_json(raw)
     except ValidationError as exc:
         reason = "json" if _is_json_error(exc) else "schema"
-        await send_to_dead_letters(p, event, "ingest", reason, describe_validation_error(exc))
+        dead_letter(p, event, outbox, "ingest", reason, describe_validation_error(exc))
         return
     p.metrics.events_consumed.labels(type=parsed.type).inc()
     # Identity stitching will replace this lookup; the repartition by key stays.
     key = resolve_customer_key(parsed)
-    await p.topics.customer_inputs.send(key=key.encode(), value=encode_event(parsed))
+    outbox.add(p.topics.customer_inputs, key.encode(), encode_event(parsed))
 
 
-def resolve_customer_key(event: object) -> str:
-    return customer_key(event)  # type: ignore[arg-type]
+def resolve_customer_key(event: Event) -> str:
+    return customer_key(event)
 
 
 def _is_json_error(exc: ValidationError) -> bool:
     return any(e["type"] == "json_invalid" for e in exc.errors())
 
 
-async def send_to_dead_letters(
-    p: Pipeline, event: EventT[bytes], stage: str, reason: str, message: str
+def dead_letter(
+    p: Pipeline, event: EventT[bytes], outbox: Outbox, stage: str, reason: str, message: str
 ) -> None:
+    """The original key and bytes, unchanged, with the reason in headers."""
     source = event.message
     log.warning(
         "dead letter from %s (%s[%s]@%s): %s: %s",
@@ -77,5 +81,4 @@ async def send_to_dead_letters(
         ("omnicue.source.partition", str(source.partition).encode()),
         ("omnicue.source.offset", str(source.offset).encode()),
     ]
-    await p.topics.dead_letters.send(key=source.key, value=source.value, headers=headers)
-
+    outbox.add(p.topics.dead_letters, source.key, source.value, headers=headers)

@@ -13,11 +13,11 @@ import logging
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from aiokafka.partitioner import murmur2
 from faust.types import TP
 
 from schemas import topics as names
 from streams.inputs import encode_timer
+from streams.topics import partition_for
 from triggers.state import CustomerState
 
 if TYPE_CHECKING:
@@ -28,11 +28,6 @@ log = logging.getLogger(__name__)
 # If a timer input is lost (the worker died after sending it), fire again this
 # much later; the state write that follows a processed timer replaces the retry.
 TIMER_RETRY = timedelta(seconds=5)
-
-
-def partition_for(key: bytes, partitions: int) -> int:
-    """The partition the producer's default partitioner picks for a key (murmur2)."""
-    return (int(murmur2(key)) & 0x7FFFFFFF) % partitions
 
 
 def register_timers(p: Pipeline) -> None:

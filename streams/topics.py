@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import faust
+from aiokafka.partitioner import murmur2
 from faust.types import TopicT
 
 from schemas import topics as names
@@ -17,6 +18,11 @@ class Topics:
     customer_inputs: TopicT
     decisions: TopicT
     actions: dict[str, TopicT]
+
+
+def partition_for(key: bytes, partitions: int) -> int:
+    """The partition the producer's default partitioner picks for a key (murmur2)."""
+    return (int(murmur2(key)) & 0x7FFFFFFF) % partitions
 
 
 def declare_topics(app: faust.App, partitions: int) -> Topics:
