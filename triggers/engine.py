@@ -122,6 +122,8 @@ class _LazyContext:
         self._state = state
         self._event = event
         self._event_view: dict[str, Any] | None = None
+        # Built once per input: conditions may read the customer, never change it.
+        self._customer_view: dict[str, Any] | None = None
 
     def event_view(self) -> dict[str, Any]:
         if self._event is None:
@@ -132,9 +134,11 @@ class _LazyContext:
 
     def build(self, journey: Journey | dict[str, Any] | None) -> Callable[[], dict[str, Any]]:
         def make() -> dict[str, Any]:
+            if self._customer_view is None:
+                self._customer_view = customer_view(self._state)
             return {
                 "event": self.event_view(),
-                "customer": customer_view(self._state),
+                "customer": self._customer_view,
                 "journey": journey if isinstance(journey, dict) else journey_view(journey),
             }
 

@@ -125,8 +125,15 @@ def test_no_marketing_in_quiet_hours_and_caps_hold(
     marketing = sorted(
         (a for a in t.actions if a.category == "marketing"), key=lambda a: a.created_at
     )
+    # The customer's timezone applies from their first identify; before it, the default.
+    at, identified = START, None
+    for kind, _, gap in sequence:
+        at += timedelta(seconds=gap)
+        if kind == "identify" and identified is None:
+            identified = at
     for a in marketing:
-        assert quiet_until(window, a.created_at, tz) is None, a
+        local = tz if identified is not None and identified <= a.created_at else "Asia/Seoul"
+        assert quiet_until(window, a.created_at, local) is None, a
         recent = [b for b in marketing if a.created_at - timedelta(hours=24) < b.created_at
                   <= a.created_at]
         assert len(recent) <= 3
