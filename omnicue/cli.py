@@ -143,17 +143,25 @@ def replay(
         str | None,
         typer.Option(help="Fire timers up to this RFC 3339 time (default: the last event)"),
     ] = None,
-    fmt: Annotated[str, typer.Option("--format", help="jsonl or rees46")] = "jsonl",
+    fmt: Annotated[
+        str | None,
+        typer.Option("--format", help="jsonl or rees46 (default: rees46 for .csv, else jsonl)"),
+    ] = None,
     progress: Annotated[bool, typer.Option("--progress", help="Progress bar on stderr")] = False,
     synthetic_contacts: Annotated[
         bool,
-        typer.Option(help="rees46: give each user an email and consent (the data has none)"),
+        typer.Option(
+            "--synthetic-contacts",
+            help="rees46: give each user an email and consent (the data has none)",
+        ),
     ] = False,
 ) -> None:
     """Backtest rules offline: replay an event log through the engine in event time."""
-    from omnicue.replay import FORMATS, parse_until, run_replay
+    from omnicue.replay import FORMATS, ReplayInputError, format_for, parse_until, run_replay
     from schemas.rules import RulesError
 
+    if fmt is None:
+        fmt = format_for(events)
     if fmt not in FORMATS:
         typer.echo(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}", err=True)
         raise typer.Exit(2)
@@ -176,6 +184,9 @@ def replay(
         )
     except RulesError as exc:
         typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    except ReplayInputError as exc:
+        typer.echo(f"{events}: {exc}", err=True)
         raise typer.Exit(2) from None
     except OSError as exc:
         typer.echo(f"{exc.filename or events}: {exc.strerror or exc}", err=True)

@@ -27,8 +27,10 @@ from schemas.events import Event, customer_key
 from triggers.engine import EnginePolicy, Output, TimerFired, evolve, new_state
 from triggers.ruleset import RuleSet
 from triggers.schedule import TimerSchedule
-from triggers.state import CustomerState, journey_slot
+from triggers.state import CustomerState, Journey, journey_slot
 
+# Reasons of decisions that refuse to start a journey (engine `_start_blocked`).
+START_REFUSALS = frozenset({"stale_event", "reentry"})
 # The replay has a single "partition": TimerSchedule wants one per key.
 _PARTITION = 0
 _NEVER = datetime.max.replace(tzinfo=UTC)
@@ -123,29 +125,19 @@ class Replayer:
         self, items: Iterable[Event | InvalidLine], until: datetime | None = None
     ) -> Iterator[ReplayOutput]:
         """Replay every item, then fire timers due up to `until` (default: the clock)."""
+        outputs: list[ReplayOutput] = []
+        step = self._step
         for item in items:
-            yield from self.feed(item)
+            step(item, outputs)
+            if outputs:
+                yield from outputs
+                outputs.clear()
         yield from self.finish(until)
 
     def feed(self, item: Event | InvalidLine) -> list[ReplayOutput]:
         """Fire the timers due by the item's arrival, then apply it."""
-        if isinstance(item, InvalidLine):
-            self.stats.invalid += 1
-            return []
-        stats = self.stats
-        occurred = item.occurred_at
-        clock = self.clock
-        if clock is None:
-            clock = self.clock = stats.first_event_at = occurred
-        elif occurred > clock:
-            clock = self.clock = occurred
-        elif occurred < clock:
-            stats.late += 1
-        stats.last_arrival = clock
         outputs: list[ReplayOutput] = []
-        if self._low <= clock:
-            self._fire_until(clock, outputs)
-        self._apply(item, clock, outputs)
+        self._step(item, outputs)
         return outputs
 
     def finish(self, until: datetime | None = None) -> list[ReplayOutput]:
@@ -160,7 +152,6 @@ class Replayer:
                 horizon = self.clock
             self._fire_until(horizon, outputs)
             self.stats.finished_at = horizon
-        self.stats.customers = len(self.states)
         return outputs
 
     # ---------------------------------------------------------------- internals
@@ -176,63 +167,96 @@ class Replayer:
             raw_key, due_at, _ = due[0]
             key = raw_key.decode()
             state = self.states[key]
+            pending = state.next_due()
+            if pending is None:
+                continue
+            if pending > due_at:
+                # The step moved later since this entry was made (see `_reschedule`).
+                self._reschedule(raw_key, state)
+                continue
             timer = TimerFired(due_at=due_at)
             out = evolve(state, timer, due_at, self.rules, self.policy)
             self.stats.timers_fired += 1
-            self._reschedule(key, raw_key, state)
+            self._reschedule(raw_key, state)
             if out.actions or out.decisions:
                 self._record(out)
                 outputs.append(ReplayOutput(key, due_at, timer, out.actions, out.decisions))
         self._low = now + _TICK
 
-    def _apply(self, event: Event, now: datetime, outputs: list[ReplayOutput]) -> None:
+    def _step(self, item: Event | InvalidLine, outputs: list[ReplayOutput]) -> None:
+        # The per-event path: kept in one function, as it runs once per input line.
         stats = self.stats
+        if isinstance(item, InvalidLine):
+            stats.invalid += 1
+            return
+        event = item
+        occurred = event.occurred_at
+        now = self.clock
+        if now is None:
+            now = self.clock = stats.first_event_at = occurred
+        elif occurred > now:
+            now = self.clock = occurred
+        elif occurred < now:
+            stats.late += 1
+        stats.last_arrival = now
+        if self._low <= now:
+            self._fire_until(now, outputs)
+
         stats.events += 1
         stats.events_by_type[event.type] += 1
         key = customer_key(event)
         state = self.states.get(key)
         if state is None:
             state = self.states[key] = self._new_state(key)
-        # Only events that can start a journey need the before/after comparison.
-        before = (
-            {slot: j.journey_id for slot, j in state.journeys.items()}
-            if event.type in self.rules.triggered_by
-            else None
-        )
-        scheduled = bool(state.journeys)
+            stats.customers += 1
+        # Only events that can start a journey need the before/after comparison; a
+        # shallow copy is cheap next to anything the engine does with the event.
+        before = dict(state.journeys) if event.type in self.rules.started_by else None
         out = evolve(state, event, now, self.rules, self.policy)
         if not out.applied:
             stats.duplicates += 1
-        if before is not None and out.applied:
+        elif before is not None and (out.decisions or len(state.journeys) != len(before)):
+            # A journey leaves the state only with a decision (cancelled, or its last
+            # step decided), so with no decision and as many journeys, none started.
             self._count_started(event, state, before, out)
-        if scheduled or state.journeys:
-            self._reschedule(key, key.encode(), state)
+        self._reschedule(key.encode(), state)
         if out.actions or out.decisions:
             self._record(out)
             outputs.append(ReplayOutput(key, now, event, out.actions, out.decisions))
 
-    def _reschedule(self, key: str, raw_key: bytes, state: CustomerState) -> None:
+    def _reschedule(self, raw_key: bytes, state: CustomerState) -> None:
         due = state.next_due()
-        self.schedule.set_due(raw_key, due, _PARTITION)
-        if due is not None and due < self._low:
-            self._low = due
+        scheduled = self.schedule.due_at(raw_key)
+        if due is None:
+            if scheduled is not None:
+                self.schedule.set_due(raw_key, None, _PARTITION)
+            return
+        # A due time that only moved later keeps its earlier entry, checked again when
+        # it comes up: rules restarted by every event (win-back) would otherwise push
+        # a heap entry per event.
+        if scheduled is None or due < scheduled:
+            self.schedule.set_due(raw_key, due, _PARTITION)
+            if due < self._low:
+                self._low = due
 
     def _count_started(
-        self, event: Event, state: CustomerState, before: dict[str, str], out: Output
+        self, event: Event, state: CustomerState, before: dict[str, Journey], out: Output
     ) -> None:
-        # A journey started by this event has its `journey_id`; one that also ended
-        # within the same step (a late event whose steps were all due) is only seen
-        # through its decisions, on a slot that was free or cancelled just before.
+        # A journey started by this event carries its id. One that also ended within
+        # the same step (no delay, like an order confirmation, or a late event whose
+        # steps were all due) is seen only through its decisions, on a slot that was
+        # free (or freed by a cancellation) before; a start refused by a guard is a
+        # decision on a free slot too, told apart by its reason.
         started = {
-            slot: j.rule_id
-            for slot, j in state.journeys.items()
-            if j.journey_id == event.event_id
+            slot: j.rule_id for slot, j in state.journeys.items() if j.journey_id == event.event_id
         }
         cancelled: set[str] = set()
         for decision in out.decisions:
             slot = journey_slot(decision.rule_id, decision.journey_key)
             if decision.outcome == "cancelled":
                 cancelled.add(slot)
+            elif decision.reason in START_REFUSALS:
+                continue
             elif slot not in before or slot in cancelled:
                 started[slot] = decision.rule_id
         self.stats.journeys_started += len(started)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,7 @@ from omnicue.services import ManagedProcess
 from omnicue.settings import Settings
 from schemas import topics
 from tests.e2e.conftest import write_rules
-from tests.e2e.harness import TopicReader, scrape, start_worker
+from tests.e2e.harness import ROOT, TopicReader, scrape, settings_env, start_worker
 from tests.factories import event_dict
 
 pytestmark = pytest.mark.e2e
@@ -62,14 +65,15 @@ def run(make_settings: Callable[..., Settings], stack_dir: Path) -> Iterator[dic
         raw.send(topics.EVENTS, key=b"c-late", value=no_time)
         raw.flush()
         raw.close()
+        published = (
+            journey("c-push", "email", "push", "push_consent", "email_consent", "cart")
+            + journey("c-mail", "email", "email_consent", "cart")
+            + journey("c-buy", "email", "email_consent", "cart", "order")
+            + journey("c-none", "cart")
+            + journey("c-after", "email", "email_consent", "cart")
+        )
         with EventProducer(settings) as producer:
-            for e in (
-                journey("c-push", "email", "push", "push_consent", "email_consent", "cart")
-                + journey("c-mail", "email", "email_consent", "cart")
-                + journey("c-buy", "email", "email_consent", "cart", "order")
-                + journey("c-none", "cart")
-                + journey("c-after", "email", "email_consent", "cart")
-            ):
+            for e in published:
                 producer.send(e)
             producer.flush()
 
@@ -80,7 +84,8 @@ def run(make_settings: Callable[..., Settings], stack_dir: Path) -> Iterator[dic
 
         reader.wait_for(done, timeout=60)
         reader.settle(2)
-        yield {"reader": reader, "worker": worker, "settings": settings}
+        yield {"reader": reader, "worker": worker, "settings": settings, "events": published,
+               "dir": stack_dir}
     finally:
         reader.close()
         worker.stop()
@@ -166,3 +171,25 @@ def test_metrics_count_what_happened(run: dict[str, Any]) -> None:
     assert m["omnicue_decisions_total{outcome=suppressed,reason=unreachable}"] == 2
     assert m["omnicue_timer_lateness_seconds_count"] >= 1
     assert m["omnicue_timers_pending"] == 0
+
+
+def test_replay_of_the_same_event_log_gives_the_same_actions(run: dict[str, Any]) -> None:
+    settings: Settings = run["settings"]
+    log = run["dir"] / "events.jsonl"
+    log.write_text("".join(json.dumps(e) + "\n" for e in run["events"]), encoding="utf-8")
+    out = run["dir"] / "replayed-actions.jsonl"
+    # Every step of these journeys is due within a minute of the events.
+    until = (datetime.now(UTC) + timedelta(minutes=1)).isoformat()
+    done = subprocess.run(
+        [sys.executable, "-m", "omnicue.cli", "replay", str(log), "--out", str(out),
+         "--rules", str(settings.rules), "--until", until],
+        env=settings_env(settings), cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+
+    def key(a: dict[str, Any]) -> tuple[str, str, int, str]:
+        return (a["action_id"], a["rule_id"], a["step"], a["channel"])
+
+    live = sorted(key(a) for a in run["reader"].of("omnicue.actions."))
+    replayed = sorted(key(json.loads(line)) for line in out.read_text().splitlines())
+    assert live and replayed == live
