@@ -33,14 +33,16 @@ class Condition:
                 f"available: {sorted(VARIABLES)}"
             )
         self.source = source
+        # Converting the context is most of an evaluation's cost: pass only these.
+        self.variables = frozenset(self._program.variables())
 
-    def holds(self, context: Callable[[], dict[str, Any]]) -> bool:
+    def holds(self, context: Callable[[frozenset[str]], dict[str, Any]]) -> bool:
         """Evaluate on a lazily built context; a missing field or a type error is false.
 
         Treating evaluation errors as false keeps one odd event from stopping a rule
         for everyone, and matches how marketers read `when`: "only if this is true".
         """
         try:
-            return self._program.execute(context()) is True
+            return self._program.execute(context(self.variables)) is True
         except (KeyError, RuntimeError, ValueError, TypeError):
             return False

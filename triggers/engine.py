@@ -132,15 +132,24 @@ class _LazyContext:
             self._event_view = event_adapter.dump_python(self._event, mode="json")
         return self._event_view
 
-    def build(self, journey: Journey | dict[str, Any] | None) -> Callable[[], dict[str, Any]]:
-        def make() -> dict[str, Any]:
-            if self._customer_view is None:
-                self._customer_view = customer_view(self._state)
-            return {
-                "event": self.event_view(),
-                "customer": self._customer_view,
-                "journey": journey if isinstance(journey, dict) else journey_view(journey),
-            }
+    def build(
+        self, journey: Journey | dict[str, Any] | None
+    ) -> Callable[[frozenset[str]], dict[str, Any]]:
+        """The variables a condition uses, built when it asks for them."""
+
+        def make(variables: frozenset[str]) -> dict[str, Any]:
+            context: dict[str, Any] = {}
+            if "event" in variables:
+                context["event"] = self.event_view()
+            if "customer" in variables:
+                if self._customer_view is None:
+                    self._customer_view = customer_view(self._state)
+                context["customer"] = self._customer_view
+            if "journey" in variables:
+                context["journey"] = (
+                    journey if isinstance(journey, dict) else journey_view(journey)
+                )
+            return context
 
         return make
 

@@ -37,7 +37,7 @@ class CartLine(BaseModel):
 
 class Cart(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    lines: dict[str, CartLine] = {}
+    lines: dict[str, CartLine] = Field(default_factory=dict)
     updated_at: datetime
 
     @property
@@ -108,24 +108,24 @@ class CustomerState(BaseModel):
     phone: str | None = None
     timezone: str | None = None
     locale: str | None = None
-    traits: dict[str, Any] = {}
-    push_tokens: dict[str, str] = {}
+    traits: dict[str, Any] = Field(default_factory=dict)
+    push_tokens: dict[str, str] = Field(default_factory=dict)
     # "<channel>:<category>" -> granted
-    consents: dict[str, bool] = {}
-    carts: dict[str, Cart] = {}
-    last_activity: dict[str, datetime] = {}
+    consents: dict[str, bool] = Field(default_factory=dict)
+    carts: dict[str, Cart] = Field(default_factory=dict)
+    last_activity: dict[str, datetime] = Field(default_factory=dict)
     order_count: int = 0
     revenue: float = 0.0
-    journeys: dict[str, Journey] = {}
+    journeys: dict[str, Journey] = Field(default_factory=dict)
     # rule id -> when its last journey started (reentry); slots of `once` rules started.
-    last_started: dict[str, datetime] = {}
-    once_started: list[str] = []
+    last_started: dict[str, datetime] = Field(default_factory=dict)
+    once_started: list[str] = Field(default_factory=list)
     # Repeat triggers (rule|key -> recent occurrences), e.g. product views.
-    occurrences: dict[str, list[datetime]] = {}
-    sent_log: list[SentRecord] = []
-    engagement: dict[str, Engagement] = {}
+    occurrences: dict[str, list[datetime]] = Field(default_factory=dict)
+    sent_log: list[SentRecord] = Field(default_factory=list)
+    engagement: dict[str, Engagement] = Field(default_factory=dict)
     recent_event_ids: list[str] = Field(default_factory=list)
-    recent_decisions: list[Decision] = []
+    recent_decisions: list[Decision] = Field(default_factory=list)
 
     def next_due(self) -> datetime | None:
         """When this customer next needs the timer (None: no pending step)."""
