@@ -28,8 +28,10 @@ def test_create_topics_is_idempotent(
     created = create_topics(settings, extra=["test.extra"])
 
     assert set(created) == expected
-    for topic in expected:
+    for topic in expected - {RULES_TOPIC}:
         assert _partitions(fresh_broker, topic) == {0, 1, 2}, topic
+    # Every worker reads the whole rules topic in order: one partition.
+    assert _partitions(fresh_broker, RULES_TOPIC) == {0}
     assert create_topics(settings, extra=["test.extra"]) == []
     assert create_topics(settings, extra=["test.other"]) == ["test.other"]
 
@@ -38,7 +40,7 @@ def test_rules_topic_is_compacted() -> None:
     # Tansu 0.6 accepts topic configs but describes none back, so check the request.
     spec = topic_specs(Settings(partitions=2))[RULES_TOPIC]
     assert spec == {
-        "num_partitions": 2,
+        "num_partitions": 1,
         "replication_factor": 1,
         "configs": {"cleanup.policy": "compact"},
     }
