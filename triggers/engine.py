@@ -198,11 +198,11 @@ def journey_view(journey: Journey | None) -> dict[str, Any]:
 
 def journey_key(rule: CompiledRule, event: Event) -> str | None:
     """The instance key from the rule's `trigger.key` path; None when the event lacks it."""
-    path = rule.rule.trigger.key
+    path = rule.key_path
     if path is None:
         return DEFAULT_JOURNEY_KEY
     value: Any = event
-    for part in path.split("."):
+    for part in path:
         if isinstance(value, dict):
             value = value.get(part)
         else:
@@ -264,10 +264,10 @@ def _start_journeys(
         slot = journey_slot(rule.id, key)
         journey = state.journeys.get(slot)
         if journey is not None:
-            if event.type in definition.restart_events:
+            if event.type in rule.restart_events:
                 _restart(journey, rules, anchor, event)
             continue
-        if event.type not in definition.trigger.events:
+        if event.type not in rule.trigger_events:
             continue
         if definition.trigger.repeat is not None and not _repeated_enough(
             state, slot, definition.trigger.repeat.count, definition.trigger.repeat.within,
@@ -294,7 +294,7 @@ def _start_journeys(
         state.last_started[rule.id] = anchor
         if definition.once:
             state.once_started.append(slot)
-        due = anchor + definition.steps[0].after
+        due = anchor + rule.step_delays[0]
         state.journeys[slot] = Journey(
             rule_id=rule.id,
             rule_version=rule.version,
@@ -316,7 +316,7 @@ def _restart(journey: Journey, rules: RuleSet, anchor: datetime, event: Event) -
     if rule is None or anchor <= journey.started_at:
         return
     journey.started_at = anchor
-    journey.step_due_at = anchor + rule.rule.steps[journey.next_step - 1].after
+    journey.step_due_at = anchor + rule.step_delays[journey.next_step - 1]
     journey.due_at = journey.step_due_at
     journey.trigger_event_id = event.event_id
     journey.trigger_occurred_at = event.occurred_at
@@ -513,12 +513,12 @@ def _fire(
 
 
 def _advance(state: CustomerState, slot: str, journey: Journey, compiled: CompiledRule) -> None:
-    steps = compiled.rule.steps
-    if journey.next_step >= len(steps):
+    delays = compiled.step_delays
+    if journey.next_step >= len(delays):
         del state.journeys[slot]
         return
     journey.next_step += 1
-    journey.step_due_at = journey.started_at + steps[journey.next_step - 1].after
+    journey.step_due_at = journey.started_at + delays[journey.next_step - 1]
     journey.due_at = journey.step_due_at
 
 

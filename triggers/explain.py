@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import TypeAdapter
+
 from schemas.decisions import Decision
 from triggers.state import CustomerState, Journey
 
@@ -25,6 +27,9 @@ REASONS = {
     "refunded": "the order was refunded",
     "added_to_cart": "the product was added to the cart",
 }
+
+# A journey is a plain dataclass (see `triggers.state`): pydantic dumps it through this.
+_journey_adapter = TypeAdapter(Journey)
 
 
 def describe(decision: Decision) -> str:
@@ -62,7 +67,10 @@ def explanation(state: CustomerState) -> dict[str, Any]:
     return {
         "customer_id": state.customer_id,
         "journeys": [
-            {**journey.model_dump(mode="json"), "text": describe_journey(journey)}
+            {
+                **_journey_adapter.dump_python(journey, mode="json"),
+                "text": describe_journey(journey),
+            }
             for journey in state.journeys.values()
         ],
         "decisions": [

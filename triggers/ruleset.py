@@ -25,10 +25,13 @@ class CompiledRule:
     when: Condition | None
     cancels: tuple[CompiledCancel, ...]
     step_conditions: tuple[Condition | None, ...]
-
-    @property
-    def id(self) -> str:
-        return self.rule.id
+    # Worked out from `rule` once, as the engine reads them on nearly every event.
+    id: str
+    trigger_events: frozenset[str]
+    restart_events: frozenset[str]
+    # `trigger.key` split at its dots; None for one journey per customer.
+    key_path: tuple[str, ...] | None
+    step_delays: tuple[timedelta, ...]
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,11 @@ def compile_rule(rule: Rule) -> CompiledRule:
         step_conditions=tuple(
             _compile(step.when, rule.id, f"steps.{i}.when") for i, step in enumerate(rule.steps)
         ),
+        id=rule.id,
+        trigger_events=frozenset(rule.trigger.events),
+        restart_events=frozenset(rule.restart_events),
+        key_path=None if rule.trigger.key is None else tuple(rule.trigger.key.split(".")),
+        step_delays=tuple(step.after for step in rule.steps),
     )
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -28,16 +29,25 @@ RECENT_EVENT_IDS = 32
 RECENT_DECISIONS = 20
 SENDABLE_CHANNELS = frozenset({"push", "email", "sms", "kakao"})
 
+# The state's nested parts are plain dataclasses, not pydantic models: the engine
+# changes them on nearly every event, and a model's validated attribute assignment
+# costs far more than a slot write. Pydantic still validates and serializes them as
+# fields of `CustomerState` (with `_NESTED` as their config), so the stored JSON and
+# its checks are the same as for models.
+_NESTED = ConfigDict(extra="forbid")
 
-class CartLine(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+
+@dataclass(slots=True, kw_only=True)
+class CartLine:
+    __pydantic_config__: ClassVar[ConfigDict] = _NESTED
     quantity: int
     price: float
 
 
-class Cart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    lines: dict[str, CartLine] = Field(default_factory=dict)
+@dataclass(slots=True, kw_only=True)
+class Cart:
+    __pydantic_config__: ClassVar[ConfigDict] = _NESTED
+    lines: dict[str, CartLine] = field(default_factory=dict)
     updated_at: datetime
 
     @property
@@ -59,17 +69,19 @@ class Cart(BaseModel):
         }
 
 
-class SentRecord(BaseModel):
+@dataclass(slots=True, kw_only=True)
+class SentRecord:
     """A marketing action sent, for frequency caps."""
 
-    model_config = ConfigDict(extra="forbid")
+    __pydantic_config__: ClassVar[ConfigDict] = _NESTED
     at: datetime
     channel: str
     rule_id: str
 
 
-class Engagement(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+@dataclass(slots=True, kw_only=True)
+class Engagement:
+    __pydantic_config__: ClassVar[ConfigDict] = _NESTED
     sent: int = 0
     engaged: int = 0
 
@@ -78,10 +90,11 @@ class Engagement(BaseModel):
         return self.engaged / self.sent if self.sent else 0.0
 
 
-class Journey(BaseModel):
+@dataclass(slots=True, kw_only=True)
+class Journey:
     """One running instance of a rule for a customer (and key, e.g. one cart)."""
 
-    model_config = ConfigDict(extra="forbid")
+    __pydantic_config__: ClassVar[ConfigDict] = _NESTED
     rule_id: str
     rule_version: str
     key: str
@@ -213,9 +226,10 @@ def _apply_feedback(state: CustomerState, event: MessageFeedback) -> None:
 
 def remember_event(state: CustomerState, event_id: str) -> bool:
     """Record the event id; False when it was already applied (a redelivery)."""
-    if event_id in state.recent_event_ids:
+    recent = state.recent_event_ids
+    if event_id in recent:
         return False
-    state.recent_event_ids.append(event_id)
-    if len(state.recent_event_ids) > RECENT_EVENT_IDS:
-        del state.recent_event_ids[: len(state.recent_event_ids) - RECENT_EVENT_IDS]
+    recent.append(event_id)
+    if len(recent) > RECENT_EVENT_IDS:
+        del recent[: len(recent) - RECENT_EVENT_IDS]
     return True
