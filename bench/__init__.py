@@ -1,0 +1,1 @@
+"""Throughput and latency benchmarks of the pipeline against a bare Faust agent."""

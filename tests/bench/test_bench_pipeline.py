@@ -1,0 +1,111 @@
+"""The benchmark's own logic, and one tiny end-to-end run of it (broker + two workers)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from bench import pipeline, profile, workload
+from omnicue import services
+from omnicue.rules import parse_rules_text
+from schemas.events import parse_event
+from triggers.engine import EnginePolicy, decide
+from triggers.ruleset import compile_rules
+
+
+def test_workload_identifies_every_customer_before_its_triggers() -> None:
+    events = workload.generate(events=500, customers=40, seed=3)
+    assert len(events) == 540
+    identified: set[bytes] = set()
+    for event in events:
+        parsed = parse_event(event.value)  # contract-valid
+        assert event.key == parsed.customer_id.encode()  # type: ignore[union-attr]
+        if parsed.type == "identify":
+            identified.add(event.key)
+        else:
+            assert event.triggers and event.key in identified
+    assert len(identified) == 40
+
+
+def test_workload_is_deterministic_per_seed() -> None:
+    first = [e.event_id for e in workload.generate(50, 5, seed=1)]
+    assert first == [e.event_id for e in workload.generate(50, 5, seed=1)]
+    assert first != [e.event_id for e in workload.generate(50, 5, seed=2)]
+
+
+def test_each_trigger_event_yields_exactly_one_email_action() -> None:
+    # The bench counts on this: if the engine ever caps or defers the bench rule,
+    # the pipeline run would wait for actions that never come.
+    rules = compile_rules(parse_rules_text(workload.RULES_YAML))
+    policy = EnginePolicy()
+    now = datetime.now(UTC)
+    state = None
+    events = workload.generate(events=30, customers=1, seed=5)
+    for i, event in enumerate(events):
+        result = decide(
+            state,
+            parse_event(event.value),
+            now + timedelta(seconds=i),
+            rules,
+            policy,
+            "cust-000000",
+        )
+        state = result.state
+        expected = 1 if event.triggers else 0
+        assert [a.channel for a in result.actions] == ["email"] * expected
+
+
+def test_steady_rate_ignores_the_ramps() -> None:
+    # 100 outputs/s in the middle, a slow start and a slow tail.
+    times = [i * 0.5 for i in range(10)] + [5 + i / 100 for i in range(80)]
+    times += [6 + i * 0.5 for i in range(10)]
+    assert pipeline.steady_rate(times) == pytest.approx(100, rel=0.05)
+
+
+def test_histogram_quantile_of_the_observations_in_between() -> None:
+    name = "lat_seconds"
+    before = {f"{name}_bucket{{le={le}}}": 10.0 for le in ("0.1", "1.0", "inf")}
+    after = {
+        f"{name}_bucket{{le=0.1}}": 10.0 + 50,
+        f"{name}_bucket{{le=1.0}}": 10.0 + 99,
+        f"{name}_bucket{{le=inf}}": 10.0 + 100,
+    }
+    assert pipeline.histogram_quantile(before, after, name, 0.5) == 0.1
+    assert pipeline.histogram_quantile(before, after, name, 0.99) == 1.0
+    assert pipeline.histogram_quantile(before, before, name, 0.5) is None
+
+
+def test_profile_summary_counts_own_and_inclusive_samples(tmp_path: Path) -> None:
+    raw = tmp_path / "profile.txt"
+    raw.write_text(
+        'process 1:"python";main (app.py:1);work (app.py:5);json (orjson.py:2) 30\n'
+        'process 1:"python";main (app.py:1);idle (app.py:9) 10\n',
+        encoding="utf-8",
+    )
+    text = profile.summarize(raw)
+    assert "40 on-CPU samples" in text
+    assert " 75.0%  json (orjson.py:2)" in text
+    assert "100.0%  main (app.py:1)" in text
+
+
+@pytest.mark.e2e
+def test_tiny_bench_run_measures_both_systems_and_leaves_nothing_running(tmp_path: Path) -> None:
+    output = tmp_path / "result.json"
+    code = pipeline.main(
+        [
+            "--events", "300", "--customers", "30", "--partitions", "2",
+            "--latency-seconds", "2", "--latency-rate", "20", "--output", str(output),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    result = json.loads(output.read_text())
+    runs = {r["system"]: r for r in result["runs"]}
+    assert runs["bare"]["outputs"] == 330 and runs["pipeline"]["outputs"] == 300
+    assert runs["bare"]["rate"] > 0 and runs["pipeline"]["rate"] > 0
+    assert {x["system"] for x in result["latency"]} == {"bare", "pipeline"}
+    assert all(x["missing"] == 0 for x in result["latency"])
+    # Every child (broker, workers) was stopped, not just abandoned.
+    assert not services._live
