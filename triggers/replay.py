@@ -16,10 +16,9 @@ in the same order.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from schemas.actions import Action
 from schemas.decisions import Decision
@@ -117,7 +116,6 @@ class Replayer:
         # A lower bound of every scheduled due time, so that the common case (no
         # timer due yet) costs one comparison rather than a heap pop per event.
         self._low = _NEVER
-        self._new_state = _state_factory()
 
     # ------------------------------------------------------------------ driving
 
@@ -207,7 +205,7 @@ class Replayer:
         key = customer_key(event)
         state = self.states.get(key)
         if state is None:
-            state = self.states[key] = self._new_state(key)
+            state = self.states[key] = new_state(key)
             stats.customers += 1
         # Only events that can start a journey need the before/after comparison; a
         # shallow copy is cheap next to anything the engine does with the event.
@@ -285,28 +283,3 @@ def replay(
 
 def hour_bucket(at: datetime) -> str:
     return at.astimezone(UTC).strftime("%Y-%m-%dT%H:00Z")
-
-
-def _state_factory() -> Callable[[str], CustomerState]:
-    """`new_state`, without pydantic deep-copying each empty default container.
-
-    A replay creates one state per customer, and `new_state` spends most of its
-    time copying the `{}` defaults. Passing fresh empty containers gives an equal
-    state for a fraction of the cost; if the state model ever gains a default this
-    cannot reproduce, the engine's `new_state` is used as is.
-    """
-    empties: dict[str, type[Any]] = {}
-    for name, info in CustomerState.model_fields.items():
-        default = info.default
-        if isinstance(default, dict | list | set):
-            if default:
-                return new_state
-            empties[name] = type(default)
-
-    def fast(key: str) -> CustomerState:
-        return CustomerState(customer_id=key, **{n: t() for n, t in empties.items()})
-
-    probe = "replay-probe"
-    if fast(probe) != new_state(probe):
-        return new_state
-    return fast
