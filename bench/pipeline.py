@@ -903,6 +903,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ServiceError as exc:
         error = str(exc)
         print(f"bench failed: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        # Ctrl-C: the children are stopped below; report what was measured so far.
+        error = "interrupted"
+        print("bench interrupted", file=sys.stderr)
     finally:
         bench.stop_all()
         signal.signal(signal.SIGTERM, previous)
@@ -936,7 +940,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     else:
         print(f"logs kept in {workdir}", file=sys.stderr)
-    return 0 if ok else 1
+    return 0 if ok else 130 if error == "interrupted" else 1
 
 
 if __name__ == "__main__":
