@@ -19,6 +19,7 @@ from faust.worker import Worker
 
 from omnicue.settings import Settings
 from streams.app import faust_app
+from streams.topics import raw_topic
 
 APP_ID = "omnicue-bench-bare"
 INPUT_TOPIC = "bench.bare.events"
@@ -38,14 +39,7 @@ def build_app(
     app = faust_app(settings.model_copy(update={"app_id": app_id}))
 
     def raw(name: str) -> faust.TopicT:
-        return app.topic(
-            name,
-            key_type=bytes,
-            value_type=bytes,
-            key_serializer="raw",
-            value_serializer="raw",
-            partitions=settings.partitions,
-        )
+        return raw_topic(app, name, settings.partitions)
 
     source, sink = raw(input_topic), raw(output_topic)
     counts = app.Table(COUNTS_TABLE, default=int, key_type=bytes, partitions=settings.partitions)

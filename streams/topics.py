@@ -25,16 +25,21 @@ def partition_for(key: bytes, partitions: int) -> int:
     return (int(murmur2(key)) & 0x7FFFFFFF) % partitions
 
 
+def raw_topic(app: faust.App, name: str, partitions: int) -> TopicT:
+    """A topic of plain bytes: our contracts are JSON that we parse ourselves."""
+    return app.topic(
+        name,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=partitions,
+    )
+
+
 def declare_topics(app: faust.App, partitions: int) -> Topics:
     def raw(name: str) -> TopicT:
-        return app.topic(
-            name,
-            key_type=bytes,
-            value_type=bytes,
-            key_serializer="raw",
-            value_serializer="raw",
-            partitions=partitions,
-        )
+        return raw_topic(app, name, partitions)
 
     return Topics(
         events=raw(names.EVENTS),
