@@ -15,8 +15,6 @@ from schemas.rules import RulesError, RulesFile, rules_from_data
 from schemas.topics import RULES, RULES_KEY
 from triggers.ruleset import RuleSet, compile_rules
 
-PACKAGED = ("default", "demo")
-
 
 def packaged_rules_path(name: str = "default") -> Path:
     return Path(str(resources.files("omnicue") / "rulesets" / f"{name}.yaml"))

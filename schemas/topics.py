@@ -15,7 +15,3 @@ RULES_KEY = b"rules"
 CUSTOMER_INPUTS = "omnicue.customer-inputs"
 
 PUBLIC_TOPICS = (EVENTS, EVENTS_DLQ, DECISIONS, *ACTIONS.values())
-
-
-def actions_topic(channel: str) -> str:
-    return ACTIONS[channel]

@@ -75,7 +75,6 @@ async def process_batch(p: Pipeline, batch: Sequence[EventT[bytes]]) -> None:
                 dead_letter(
                     p, event, outbox, "decide", type(exc).__name__, describe_validation_error(exc)
                 )
-        _use_event_context(inputs[-1])
         p.customers[key] = state.model_dump_json(exclude_defaults=True).encode()
         p.schedule.set_due(key, state.next_due(), inputs[-1].message.partition)
         for out in outputs:

@@ -13,8 +13,13 @@ from faust import Stream
 from faust.types import EventT, StreamT
 from pydantic import ValidationError
 
-from schemas.events import Event, customer_key, describe_validation_error, event_adapter
-from streams.inputs import encode_event
+from schemas.events import (
+    Event,
+    customer_key,
+    describe_validation_error,
+    event_adapter,
+    event_to_json,
+)
 from streams.outbox import Outbox
 
 if TYPE_CHECKING:
@@ -52,7 +57,7 @@ def route_event(p: Pipeline, event: EventT[bytes], outbox: Outbox) -> None:
     p.metrics.events_consumed.labels(type=parsed.type).inc()
     # Identity stitching will replace this lookup; the repartition by key stays.
     key = resolve_customer_key(parsed)
-    outbox.add(p.topics.customer_inputs, key.encode(), encode_event(parsed))
+    outbox.add(p.topics.customer_inputs, key.encode(), event_to_json(parsed))
 
 
 def resolve_customer_key(event: Event) -> str:

@@ -10,16 +10,12 @@ from datetime import datetime
 
 import orjson
 
-from schemas.events import event_adapter, event_from_dict
+from schemas.events import event_from_dict
 from triggers.engine import Input, TimerFired
 
 
 def encode_timer(due_at: datetime) -> bytes:
     return orjson.dumps({"timer_due_at": due_at.isoformat()})
-
-
-def encode_event(event: object) -> bytes:
-    return event_adapter.dump_json(event, exclude_none=True)  # type: ignore[arg-type]
 
 
 def decode_input(raw: bytes) -> Input:
