@@ -11,6 +11,8 @@ from faust.types import TableT
 
 from omnicue.metrics import WorkerMetrics
 from omnicue.settings import Settings
+from streams.consumer import PromptFetchConsumer
+from streams.outbox import RecordSender
 from streams.topics import Topics, declare_topics
 from triggers.engine import EnginePolicy
 from triggers.ruleset import RuleSet
@@ -32,13 +34,14 @@ class Pipeline:
     rules: RuleSet
     policy: EnginePolicy
     metrics: WorkerMetrics
+    sender: RecordSender
     schedule: TimerSchedule = field(default_factory=TimerSchedule)
     clock: Callable[[], datetime] = utc_now
 
 
 def faust_app(settings: Settings) -> faust.App:
     dev = settings.dev_broker
-    return faust.App(
+    app = faust.App(
         settings.app_id,
         broker=settings.broker,
         store=settings.store,
@@ -65,6 +68,9 @@ def faust_app(settings: Settings) -> faust.App:
         table_standby_replicas=0 if dev else 1,
         stream_wait_empty=False,
     )
+    if dev:
+        app.transport.Consumer = PromptFetchConsumer  # type: ignore[misc]
+    return app
 
 
 def create_app(
@@ -95,8 +101,12 @@ def create_app(
             default_timezone=settings.default_timezone,
         ),
         metrics=metrics or WorkerMetrics(),
+        sender=RecordSender(settings),
         clock=clock,
     )
+    # A child of the app added before it starts: started before the agents run and
+    # stopped after they have.
+    app.add_dependency(pipeline.sender)
     register_ingest_agent(pipeline)
     register_customer_agent(pipeline)
     register_timers(pipeline)

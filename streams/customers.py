@@ -54,7 +54,7 @@ async def process_batch(p: Pipeline, batch: Sequence[EventT[bytes]]) -> None:
         groups.setdefault(event.message.key or b"", []).append(event)
     p.metrics.batch_events.observe(len(batch))
     now = p.clock()
-    outbox = Outbox(p.settings.partitions)
+    outbox = Outbox(p.sender)
     for key, inputs in groups.items():
         _use_event_context(inputs[-1])
         raw = p.customers.get(key)

@@ -34,7 +34,7 @@ def register_ingest_agent(p: Pipeline) -> None:
             p.settings.batch_size, p.settings.batch_within
         )
         async for batch in batches:
-            outbox = Outbox(p.settings.partitions)
+            outbox = Outbox(p.sender)
             for event in batch:
                 route_event(p, event, outbox)
             await outbox.flush()

@@ -1,32 +1,78 @@
-"""The sends of one batch: concurrent across partitions, in order within each.
+"""The pipeline's own records: collected per batch, sent in producer batches, awaited.
 
-aiokafka holds one open batch per partition, and `send` waits while that batch is
-full. With one record per batch (the dev broker setting) every send then waits for
-the previous record of its partition to go out, so awaiting sends one by one
-serialises the whole batch on network round trips. Sending each partition's
-records as their own sequence, all partitions at once, keeps per-partition order
-(and so per-customer order) while the round trips overlap.
+Faust's producer also writes the table changelogs, and on the dev broker it must
+send one record per producer batch (with several, the broker reports end offsets
+that make table recovery read stale values). The records the pipeline emits itself
+(the repartition to customers, timer inputs, actions, decisions, dead letters) are
+never recovered from end offsets, so they go through a second producer with normal
+batching: a processing batch of 500 inputs then costs a few round trips instead of
+one per record.
+
+A batch's records are awaited until the broker has them, before the batch's input
+offsets can be committed: at-least-once, as with faust's own producer (which is
+flushed before every commit).
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
+from aiokafka import AIOKafkaProducer
 from faust.types import TopicT
+from mode import Service
 
-from streams.topics import partition_for
+from omnicue.settings import Settings
 
 Headers = list[tuple[str, bytes]]
-_Record = tuple[TopicT, bytes | None, bytes | None, int | None, Headers | None]
+_Record = tuple[str, bytes | None, bytes | None, int | None, Headers | None]
+
+
+class RecordSender(Service):
+    """One batching Kafka producer per worker, started before the agents, stopped after."""
+
+    def __init__(self, settings: Settings, **kwargs: Any) -> None:
+        self._settings = settings
+        self._producer: AIOKafkaProducer | None = None
+        super().__init__(**kwargs)
+
+    async def on_start(self) -> None:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self._settings.bootstrap_servers,
+            client_id=f"{self._settings.app_id}-records",
+            acks="all",
+            # No linger: the records of a processing batch are appended without
+            # yielding to the event loop, so they leave together anyway.
+            linger_ms=0,
+            max_batch_size=256 * 1024,
+        )
+        await producer.start()
+        self._producer = producer
+
+    async def on_stop(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()  # sends what is still queued
+
+    async def send_all(self, records: list[_Record]) -> None:
+        if self._producer is None:
+            raise RuntimeError("the record sender is not started")
+        deliveries = [
+            await self._producer.send(topic, value, key=key, partition=partition, headers=headers)
+            for topic, key, value, partition, headers in records
+        ]
+        await asyncio.gather(*deliveries)
 
 
 class Outbox:
-    def __init__(self, partitions: int) -> None:
-        self._partitions = partitions
-        self._queues: dict[tuple[str, int | None], list[_Record]] = {}
+    """The records one processing batch emits, in order (and so in order per partition)."""
+
+    def __init__(self, sender: RecordSender) -> None:
+        self._sender = sender
+        self._records: list[_Record] = []
 
     def __len__(self) -> int:
-        return sum(len(q) for q in self._queues.values())
+        return len(self._records)
 
     def add(
         self,
@@ -34,20 +80,13 @@ class Outbox:
         key: bytes | None,
         value: bytes | None,
         *,
+        partition: int | None = None,
         headers: Headers | None = None,
     ) -> None:
-        # The partition the producer's default partitioner would pick, made explicit
-        # so records can be grouped by it; keyless records let the producer choose.
-        partition = None if key is None else partition_for(key, self._partitions)
-        queue = self._queues.setdefault((topic.get_topic_name(), partition), [])
-        queue.append((topic, key, value, partition, headers))
+        # Without a partition, the producer picks murmur2(key), as Kafka clients do.
+        self._records.append((topic.get_topic_name(), key, value, partition, headers))
 
     async def flush(self) -> None:
-        queues = list(self._queues.values())
-        self._queues = {}
-        await asyncio.gather(*(_send_in_order(queue) for queue in queues))
-
-
-async def _send_in_order(queue: list[_Record]) -> None:
-    for topic, key, value, partition, headers in queue:
-        await topic.send(key=key, value=value, partition=partition, headers=headers)
+        records, self._records = self._records, []
+        if records:
+            await self._sender.send_all(records)

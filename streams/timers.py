@@ -17,6 +17,7 @@ from faust.types import TP
 
 from schemas import topics as names
 from streams.inputs import encode_timer
+from streams.outbox import Outbox
 from streams.topics import partition_for
 from triggers.state import CustomerState
 
@@ -33,11 +34,11 @@ TIMER_RETRY = timedelta(seconds=5)
 def register_timers(p: Pipeline) -> None:
     async def fire_due_timers() -> None:
         now = p.clock()
+        outbox = Outbox(p.sender)
         for key, due_at, partition in p.schedule.pop_due(now):
-            await p.topics.customer_inputs.send(
-                key=key, value=encode_timer(due_at), partition=partition
-            )
+            outbox.add(p.topics.customer_inputs, key, encode_timer(due_at), partition=partition)
             p.schedule.set_due(key, now + TIMER_RETRY, partition)
+        await outbox.flush()
         p.metrics.timers_pending.set(len(p.schedule))
 
     p.app.timer(p.settings.timer_interval, name="omnicue.timers")(fire_due_timers)
