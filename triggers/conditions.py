@@ -11,6 +11,8 @@ from typing import Any
 
 import cel
 
+from triggers.cel_subset import CelError, Unsupported, compile_subset
+
 VARIABLES = frozenset({"event", "customer", "journey"})
 
 
@@ -35,6 +37,8 @@ class Condition:
         self.source = source
         # Converting the context is most of an evaluation's cost: pass only these.
         self.variables = frozenset(self._program.variables())
+        # The same expression without the conversion, when it is simple enough.
+        self._direct = compile_subset(source)
 
     def holds(self, context: Callable[[frozenset[str]], dict[str, Any]]) -> bool:
         """Evaluate on a lazily built context; a missing field or a type error is false.
@@ -42,7 +46,15 @@ class Condition:
         Treating evaluation errors as false keeps one odd event from stopping a rule
         for everyone, and matches how marketers read `when`: "only if this is true".
         """
+        variables = context(self.variables)
+        if self._direct is not None:
+            try:
+                return self._direct(variables) is True
+            except CelError:
+                return False
+            except Unsupported:
+                pass
         try:
-            return self._program.execute(context(self.variables)) is True
+            return self._program.execute(variables) is True
         except (KeyError, RuntimeError, ValueError, TypeError):
             return False

@@ -57,6 +57,8 @@ Input = Event | TimerFired
 class Output:
     actions: list[Action] = field(default_factory=list)
     decisions: list[Decision] = field(default_factory=list)
+    # Rule ids of the journeys this input started (a restart is not a start).
+    started: list[str] = field(default_factory=list)
     # False when the event was already applied (redelivered after a crash).
     applied: bool = True
 
@@ -146,9 +148,7 @@ class _LazyContext:
                     self._customer_view = customer_view(self._state)
                 context["customer"] = self._customer_view
             if "journey" in variables:
-                context["journey"] = (
-                    journey if isinstance(journey, dict) else journey_view(journey)
-                )
+                context["journey"] = journey if isinstance(journey, dict) else journey_view(journey)
             return context
 
         return make
@@ -198,21 +198,28 @@ def journey_view(journey: Journey | None) -> dict[str, Any]:
 
 def journey_key(rule: CompiledRule, event: Event) -> str | None:
     """The instance key from the rule's `trigger.key` path; None when the event lacks it."""
-    path = rule.key_path
-    if path is None:
+    getter, path = rule.key_getter, rule.key_path
+    if getter is None or path is None:
         return DEFAULT_JOURNEY_KEY
+    try:
+        # Typed fields and extras (pydantic exposes them as attributes) in one call.
+        value = getter(event)
+    except AttributeError:
+        value = _walk(path, event)
+    return None if value is None else str(value)
+
+
+def _walk(path: tuple[str, ...], event: Event) -> Any:
+    """The slow way along a key path, through dicts too (e.g. identify traits)."""
     value: Any = event
     for part in path:
         if isinstance(value, dict):
             value = value.get(part)
         else:
             value = getattr(value, part, None)
-            if value is None and part not in type(event).model_fields:
-                extra = getattr(event, "model_extra", None) or {}
-                value = extra.get(part)
         if value is None:
             return None
-    return str(value)
+    return value
 
 
 def _cancel_journeys(
@@ -233,8 +240,14 @@ def _cancel_journeys(
                     continue
                 del state.journeys[slot]
                 out.decisions.append(
-                    _decision(state, journey, now, outcome="cancelled", reason=cancel.reason,
-                              event_id=event.event_id)
+                    _decision(
+                        state,
+                        journey,
+                        now,
+                        outcome="cancelled",
+                        reason=cancel.reason,
+                        event_id=event.event_id,
+                    )
                 )
                 break
         if rule.rule.trigger.repeat is not None:
@@ -270,7 +283,10 @@ def _start_journeys(
         if event.type not in rule.trigger_events:
             continue
         if definition.trigger.repeat is not None and not _repeated_enough(
-            state, slot, definition.trigger.repeat.count, definition.trigger.repeat.within,
+            state,
+            slot,
+            definition.trigger.repeat.count,
+            definition.trigger.repeat.within,
             anchor,
         ):
             continue
@@ -284,14 +300,21 @@ def _start_journeys(
             state.occurrences.pop(slot, None)
             out.decisions.append(
                 Decision(
-                    customer_id=state.customer_id, rule_id=rule.id, rule_version=rule.version,
-                    journey_key=key, step=1, outcome="suppressed", reason=blocked,
-                    event_id=event.event_id, decided_at=now,
+                    customer_id=state.customer_id,
+                    rule_id=rule.id,
+                    rule_version=rule.version,
+                    journey_key=key,
+                    step=1,
+                    outcome="suppressed",
+                    reason=blocked,
+                    event_id=event.event_id,
+                    decided_at=now,
                 )
             )
             continue
         state.occurrences.pop(slot, None)
         state.last_started[rule.id] = anchor
+        out.started.append(rule.id)
         if definition.once:
             state.once_started.append(slot)
         due = anchor + rule.step_delays[0]
@@ -325,7 +348,8 @@ def _restart(journey: Journey, rules: RuleSet, anchor: datetime, event: Event) -
 def _repeated_enough(
     state: CustomerState, slot: str, count: int, within: timedelta, at: datetime
 ) -> bool:
-    seen = [t for t in state.occurrences.get(slot, []) if t > at - within]
+    cutoff = at - within
+    seen = [t for t in state.occurrences.get(slot, ()) if t > cutoff]
     seen.append(at)
     state.occurrences[slot] = seen[-count:]
     return len(seen) >= count
@@ -349,10 +373,11 @@ def _run_due_steps(
 ) -> None:
     # One at a time, highest priority first: each firing counts against the caps
     # the next one is checked with. A deferred step moves its due time past now.
+    journeys = state.journeys
     while True:
         due = [
             (-_priority(rules, j), j.due_at, slot)
-            for slot, j in state.journeys.items()
+            for slot, j in journeys.items()
             if j.due_at <= now
         ]
         if not due:

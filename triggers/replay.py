@@ -26,10 +26,8 @@ from schemas.events import Event, customer_key
 from triggers.engine import EnginePolicy, Output, TimerFired, evolve, new_state
 from triggers.ruleset import RuleSet
 from triggers.schedule import TimerSchedule
-from triggers.state import CustomerState, Journey, journey_slot
+from triggers.state import CustomerState
 
-# Reasons of decisions that refuse to start a journey (engine `_start_blocked`).
-START_REFUSALS = frozenset({"stale_event", "reentry"})
 # The replay has a single "partition": TimerSchedule wants one per key.
 _PARTITION = 0
 _NEVER = datetime.max.replace(tzinfo=UTC)
@@ -207,16 +205,12 @@ class Replayer:
         if state is None:
             state = self.states[key] = new_state(key)
             stats.customers += 1
-        # Only events that can start a journey need the before/after comparison; a
-        # shallow copy is cheap next to anything the engine does with the event.
-        before = dict(state.journeys) if event.type in self.rules.started_by else None
         out = evolve(state, event, now, self.rules, self.policy)
         if not out.applied:
             stats.duplicates += 1
-        elif before is not None and (out.decisions or len(state.journeys) != len(before)):
-            # A journey leaves the state only with a decision (cancelled, or its last
-            # step decided), so with no decision and as many journeys, none started.
-            self._count_started(event, state, before, out)
+        elif out.started:
+            stats.journeys_started += len(out.started)
+            stats.journeys_by_rule.update(out.started)
         self._reschedule(key.encode(), state)
         if out.actions or out.decisions:
             self._record(out)
@@ -236,29 +230,6 @@ class Replayer:
             self.schedule.set_due(raw_key, due, _PARTITION)
             if due < self._low:
                 self._low = due
-
-    def _count_started(
-        self, event: Event, state: CustomerState, before: dict[str, Journey], out: Output
-    ) -> None:
-        # A journey started by this event carries its id. One that also ended within
-        # the same step (no delay, like an order confirmation, or a late event whose
-        # steps were all due) is seen only through its decisions, on a slot that was
-        # free (or freed by a cancellation) before; a start refused by a guard is a
-        # decision on a free slot too, told apart by its reason.
-        started = {
-            slot: j.rule_id for slot, j in state.journeys.items() if j.journey_id == event.event_id
-        }
-        cancelled: set[str] = set()
-        for decision in out.decisions:
-            slot = journey_slot(decision.rule_id, decision.journey_key)
-            if decision.outcome == "cancelled":
-                cancelled.add(slot)
-            elif decision.reason in START_REFUSALS:
-                continue
-            elif slot not in before or slot in cancelled:
-                started[slot] = decision.rule_id
-        self.stats.journeys_started += len(started)
-        self.stats.journeys_by_rule.update(started.values())
 
     def _record(self, out: Output) -> None:
         stats = self.stats

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from operator import attrgetter
+from typing import Any
 
 from schemas.rules import CancelOn, Policy, Rule, RulesError, RulesFile
 from triggers.conditions import Condition, ConditionError
@@ -31,6 +34,8 @@ class CompiledRule:
     restart_events: frozenset[str]
     # `trigger.key` split at its dots; None for one journey per customer.
     key_path: tuple[str, ...] | None
+    # `key_path` as one attribute lookup; None for one journey per customer.
+    key_getter: Callable[[Any], Any] | None
     step_delays: tuple[timedelta, ...]
 
 
@@ -86,6 +91,7 @@ def compile_rule(rule: Rule) -> CompiledRule:
         trigger_events=frozenset(rule.trigger.events),
         restart_events=frozenset(rule.restart_events),
         key_path=None if rule.trigger.key is None else tuple(rule.trigger.key.split(".")),
+        key_getter=None if rule.trigger.key is None else attrgetter(rule.trigger.key),
         step_delays=tuple(step.after for step in rule.steps),
     )
 
