@@ -53,7 +53,7 @@ class TimerFired:
 Input = Event | TimerFired
 
 
-@dataclass
+@dataclass(slots=True)
 class Output:
     actions: list[Action] = field(default_factory=list)
     decisions: list[Decision] = field(default_factory=list)
@@ -382,7 +382,7 @@ def _run_due_steps(
         ]
         if not due:
             return
-        _, _, slot = min(due)
+        _, _, slot = min(due) if len(due) > 1 else due[0]
         _evaluate_step(state, slot, now, rules, policy, out)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar
@@ -142,7 +143,10 @@ class CustomerState(BaseModel):
 
     def next_due(self) -> datetime | None:
         """When this customer next needs the timer (None: no pending step)."""
-        return min((j.due_at for j in self.journeys.values()), default=None)
+        journeys = self.journeys
+        if not journeys:
+            return None
+        return min([j.due_at for j in journeys.values()])
 
 
 def journey_slot(rule_id: str, key: str) -> str:
@@ -154,58 +158,69 @@ def apply_event(state: CustomerState, event: Event) -> None:
     previous = state.last_activity.get(event.channel)
     if previous is None or event.occurred_at > previous:
         state.last_activity[event.channel] = event.occurred_at
+    reducer = _REDUCERS.get(type(event))
+    if reducer is not None:
+        reducer(state, event)
 
-    match event:
-        case Identify():
-            traits = event.properties.traits
-            if traits.email is not None and traits.email != state.email:
-                state.email = traits.email
-                state.email_bounced = False
-            if traits.phone is not None:
-                state.phone = traits.phone
-            if traits.timezone is not None:
-                state.timezone = traits.timezone
-            if traits.locale is not None:
-                state.locale = traits.locale
-            if traits.model_extra:
-                state.traits.update(traits.model_extra)
-        case ConsentUpdated():
-            consent = event.properties
-            state.consents[f"{consent.channel}:{consent.category}"] = consent.granted
-        case DeviceRegistered():
-            state.push_tokens[event.properties.push_token] = event.properties.platform
-        case DeviceUnregistered():
-            state.push_tokens.pop(event.properties.push_token, None)
-        case CartItemAdded():
-            added = event.properties
-            cart = state.carts.get(added.cart_id) or Cart(updated_at=event.occurred_at)
-            line = cart.lines.get(added.product_id)
-            quantity = added.quantity + (line.quantity if line else 0)
-            cart.lines[added.product_id] = CartLine(quantity=quantity, price=added.price)
-            cart.updated_at = event.occurred_at
-            state.carts[added.cart_id] = cart
-        case CartItemRemoved():
-            removed = event.properties
-            existing = state.carts.get(removed.cart_id)
-            if existing is not None and removed.product_id in existing.lines:
-                remaining = existing.lines[removed.product_id].quantity - removed.quantity
-                if remaining > 0:
-                    existing.lines[removed.product_id].quantity = remaining
-                else:
-                    del existing.lines[removed.product_id]
-                existing.updated_at = event.occurred_at
-                if not existing.lines:
-                    # An emptied cart is gone: rules test `journey.key in customer.carts`.
-                    del state.carts[removed.cart_id]
-        case OrderCompleted():
-            state.order_count += 1
-            state.revenue = round(state.revenue + event.properties.value, 2)
-            if event.properties.cart_id is not None:
-                state.carts.pop(event.properties.cart_id, None)
-        case MessageFeedback():
-            _apply_feedback(state, event)
-        case _:
-            pass
+
+def _identify(state: CustomerState, event: Identify) -> None:
+    traits = event.properties.traits
+    if traits.email is not None and traits.email != state.email:
+        state.email = traits.email
+        state.email_bounced = False
+    if traits.phone is not None:
+        state.phone = traits.phone
+    if traits.timezone is not None:
+        state.timezone = traits.timezone
+    if traits.locale is not None:
+        state.locale = traits.locale
+    if traits.model_extra:
+        state.traits.update(traits.model_extra)
+
+
+def _consent(state: CustomerState, event: ConsentUpdated) -> None:
+    consent = event.properties
+    state.consents[f"{consent.channel}:{consent.category}"] = consent.granted
+
+
+def _device_registered(state: CustomerState, event: DeviceRegistered) -> None:
+    state.push_tokens[event.properties.push_token] = event.properties.platform
+
+
+def _device_unregistered(state: CustomerState, event: DeviceUnregistered) -> None:
+    state.push_tokens.pop(event.properties.push_token, None)
+
+
+def _cart_item_added(state: CustomerState, event: CartItemAdded) -> None:
+    added = event.properties
+    cart = state.carts.get(added.cart_id) or Cart(updated_at=event.occurred_at)
+    line = cart.lines.get(added.product_id)
+    quantity = added.quantity + (line.quantity if line else 0)
+    cart.lines[added.product_id] = CartLine(quantity=quantity, price=added.price)
+    cart.updated_at = event.occurred_at
+    state.carts[added.cart_id] = cart
+
+
+def _cart_item_removed(state: CustomerState, event: CartItemRemoved) -> None:
+    removed = event.properties
+    existing = state.carts.get(removed.cart_id)
+    if existing is not None and removed.product_id in existing.lines:
+        remaining = existing.lines[removed.product_id].quantity - removed.quantity
+        if remaining > 0:
+            existing.lines[removed.product_id].quantity = remaining
+        else:
+            del existing.lines[removed.product_id]
+        existing.updated_at = event.occurred_at
+        if not existing.lines:
+            # An emptied cart is gone: rules test `journey.key in customer.carts`.
+            del state.carts[removed.cart_id]
+
+
+def _order_completed(state: CustomerState, event: OrderCompleted) -> None:
+    state.order_count += 1
+    state.revenue = round(state.revenue + event.properties.value, 2)
+    if event.properties.cart_id is not None:
+        state.carts.pop(event.properties.cart_id, None)
 
 
 ENGAGED = frozenset({"message.opened", "message.clicked"})
@@ -222,6 +237,19 @@ def _apply_feedback(state: CustomerState, event: MessageFeedback) -> None:
         state.email_bounced = True
     elif event.type == "message.unsubscribed" and event.channel in SENDABLE_CHANNELS:
         state.consents[f"{event.channel}:marketing"] = False
+
+
+# Event class -> how it changes the state; the other types only count as activity.
+_REDUCERS: dict[type, Callable[[CustomerState, Any], None]] = {
+    Identify: _identify,
+    ConsentUpdated: _consent,
+    DeviceRegistered: _device_registered,
+    DeviceUnregistered: _device_unregistered,
+    CartItemAdded: _cart_item_added,
+    CartItemRemoved: _cart_item_removed,
+    OrderCompleted: _order_completed,
+    MessageFeedback: _apply_feedback,
+}
 
 
 def remember_event(state: CustomerState, event_id: str) -> bool:
