@@ -332,3 +332,57 @@ _RELATIONS: dict[str, Callable[[Node, Node], Node]] = {
     ">=": _ordering(lambda a, b: a >= b),
     "in": _in,
 }
+
+
+def journey_key_match(source: str) -> tuple[str, ...] | None:
+    """The event path P when `source` is `event.P == journey.key`, alone or `&&`-ed
+    with other terms at the top level. Only the journey keyed by the event's value at
+    P can then satisfy it, so the engine looks that one journey up instead of
+    evaluating the condition on every journey of the rule."""
+    tokens = _tokens(source)
+    if not tokens or compile_subset(source) is None:
+        return None
+    terms = _top_level_terms(tokens)
+    if terms is None:
+        return None
+    for term in terms:
+        texts = [text for _, text in term]
+        if texts.count("==") != 1:
+            continue
+        cut = texts.index("==")
+        sides = (_dotted(texts[:cut]), _dotted(texts[cut + 1 :]))
+        for path, other in (sides, sides[::-1]):
+            if other == ("journey", "key") and path and len(path) > 1 and path[0] == "event":
+                return path[1:]
+    return None
+
+
+def _top_level_terms(tokens: list[tuple[str, str]]) -> list[list[tuple[str, str]]] | None:
+    """The operands of a top-level `&&` chain; None when `||` joins at the top."""
+    terms: list[list[tuple[str, str]]] = [[]]
+    depth = 0
+    for token in tokens:
+        if token == ("op", "("):
+            depth += 1
+        elif token == ("op", ")"):
+            depth -= 1
+        elif depth == 0 and token == ("op", "||"):
+            return None
+        elif depth == 0 and token == ("op", "&&"):
+            terms.append([])
+            continue
+        terms[-1].append(token)
+    return terms
+
+
+def _dotted(texts: list[str]) -> tuple[str, ...] | None:
+    """`["event", ".", "properties", ".", "cart_id"]` -> ("event", "properties", "cart_id")."""
+    names = texts[::2]
+    if not names or texts[1::2] != ["."] * (len(names) - 1):
+        return None
+    if not all(_IDENTIFIER.fullmatch(name) and name not in _RESERVED for name in names):
+        return None
+    return tuple(names)
+
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

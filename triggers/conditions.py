@@ -11,7 +11,7 @@ from typing import Any
 
 import cel
 
-from triggers.cel_subset import CelError, Unsupported, compile_subset
+from triggers.cel_subset import CelError, Unsupported, compile_subset, journey_key_match
 
 VARIABLES = frozenset({"event", "customer", "journey"})
 
@@ -39,6 +39,8 @@ class Condition:
         self.variables = frozenset(self._program.variables())
         # The same expression without the conversion, when it is simple enough.
         self._direct = compile_subset(source)
+        # `event.P == journey.key` (&& ...): P, so journeys can be looked up by key.
+        self.journey_key_path = journey_key_match(source)
 
     def holds(self, context: Callable[[frozenset[str]], dict[str, Any]]) -> bool:
         """Evaluate on a lazily built context; a missing field or a type error is false.

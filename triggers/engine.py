@@ -22,7 +22,7 @@ from schemas.decisions import Decision
 from schemas.events import ActionChannel, Event, event_adapter
 from triggers.channels import ConsentPolicy, candidates, recipient
 from triggers.guards import cap_free_at, in_holdout, pick_variant, quiet_until
-from triggers.ruleset import CompiledRule, RuleSet
+from triggers.ruleset import CompiledCancel, CompiledRule, RuleSet
 from triggers.state import (
     RECENT_DECISIONS,
     CustomerState,
@@ -59,6 +59,8 @@ class Output:
     decisions: list[Decision] = field(default_factory=list)
     # Rule ids of the journeys this input started (a restart is not a start).
     started: list[str] = field(default_factory=list)
+    # A restart moved a deferred step's due time earlier (with no decision to show it).
+    earlier_due: bool = False
     # False when the event was already applied (redelivered after a crash).
     applied: bool = True
 
@@ -110,7 +112,8 @@ def evolve(
         _cancel_journeys(state, item, context, rules, out, now)
         _start_journeys(state, item, context, rules, out, now)
         _run_due_steps(state, now, rules, policy, out)
-    prune(state, rules, now)
+    if state.sent_log:
+        prune(state, rules, now)
     if out.decisions:
         state.recent_decisions.extend(out.decisions)
         del state.recent_decisions[:-RECENT_DECISIONS]
@@ -232,31 +235,51 @@ def _cancel_journeys(
 ) -> None:
     for rule in rules.cancelled_by.get(event.type, ()):
         cancels = [c for c in rule.cancels if c.event == event.type]
+        keys = _cancellable_keys(cancels, event)
+        prefix = f"{rule.id}|"
         for slot, journey in list(state.journeys.items()):
-            if journey.rule_id != rule.id:
+            if journey.rule_id != rule.id or (keys is not None and journey.key not in keys):
                 continue
             for cancel in cancels:
                 if cancel.when is not None and not cancel.when.holds(context.build(journey)):
                     continue
                 del state.journeys[slot]
                 out.decisions.append(
-                    _decision(
-                        state,
-                        journey,
-                        now,
-                        outcome="cancelled",
-                        reason=cancel.reason,
-                        event_id=event.event_id,
-                    )
+                    _decision(state, journey, now, outcome="cancelled", reason=cancel.reason,
+                              event_id=event.event_id)
                 )
                 break
         if rule.rule.trigger.repeat is not None:
             # A cancelling event also resets a repeat count ("3 views with no cart add");
             # conditions see the counted key as `journey.key`.
-            for slot in [s for s in state.occurrences if s.startswith(f"{rule.id}|")]:
-                counting = {"rule_id": rule.id, "key": slot.split("|", 1)[1]}
+            if keys is None:
+                counted = [s for s in state.occurrences if s.startswith(prefix)]
+            else:
+                counted = [prefix + k for k in keys if prefix + k in state.occurrences]
+            for slot in counted:
+                counting = {"rule_id": rule.id, "key": slot[len(prefix) :]}
                 if any(c.when is None or c.when.holds(context.build(counting)) for c in cancels):
                     del state.occurrences[slot]
+
+
+def _cancellable_keys(cancels: list[CompiledCancel], event: Event) -> set[str] | None:
+    """The only journey keys these cancels can match; None when any may match all.
+
+    A cancel whose condition requires `event.P == journey.key` can only match the
+    journey keyed by the event's (string) value at P; the condition is still
+    evaluated on it.
+    """
+    keys: set[str] = set()
+    for cancel in cancels:
+        if cancel.key_getter is None:
+            return None
+        try:
+            value = cancel.key_getter(event)
+        except AttributeError:
+            continue  # no such field: CEL errors, and the condition cannot hold
+        if type(value) is str:
+            keys.add(value)
+    return keys
 
 
 def _start_journeys(
@@ -268,28 +291,25 @@ def _start_journeys(
     now: datetime,
 ) -> None:
     # A producer clock ahead of ours must not push steps into the future.
-    anchor = min(event.occurred_at, now)
-    for rule in rules.started_by.get(event.type, ()):
-        definition = rule.rule
+    occurred_at = event.occurred_at
+    anchor = occurred_at if occurred_at < now else now
+    event_type = event.type
+    journeys = state.journeys
+    for rule in rules.started_by.get(event_type, ()):
         key = journey_key(rule, event)
         if key is None:
             continue
         slot = journey_slot(rule.id, key)
-        journey = state.journeys.get(slot)
+        journey = journeys.get(slot)
         if journey is not None:
-            if event.type in rule.restart_events:
-                _restart(journey, rules, anchor, event)
+            if event_type in rule.restart_events and _restart(journey, rules, anchor, event):
+                out.earlier_due = True
             continue
-        if event.type not in rule.trigger_events:
+        if event_type not in rule.trigger_events:
             continue
-        if definition.trigger.repeat is not None and not _repeated_enough(
-            state,
-            slot,
-            definition.trigger.repeat.count,
-            definition.trigger.repeat.within,
-            anchor,
-        ):
+        if rule.repeat is not None and not _repeated_enough(state, slot, *rule.repeat, anchor):
             continue
+        definition = rule.rule
         if definition.once and slot in state.once_started:
             continue
         if rule.when is not None and not rule.when.holds(context.build(None)):
@@ -332,17 +352,20 @@ def _start_journeys(
         )
 
 
-def _restart(journey: Journey, rules: RuleSet, anchor: datetime, event: Event) -> None:
+def _restart(journey: Journey, rules: RuleSet, anchor: datetime, event: Event) -> bool:
     """Restart the clock; steps already evaluated are not repeated, and a late event
-    never moves the clock backwards."""
+    never moves the clock backwards. True when the step is now due earlier than it
+    was (it had been deferred)."""
     rule = rules.for_journey(journey.rule_id, journey.rule_version)
     if rule is None or anchor <= journey.started_at:
-        return
+        return False
+    previous_due = journey.due_at
     journey.started_at = anchor
     journey.step_due_at = anchor + rule.step_delays[journey.next_step - 1]
     journey.due_at = journey.step_due_at
     journey.trigger_event_id = event.event_id
     journey.trigger_occurred_at = event.occurred_at
+    return journey.due_at < previous_due
 
 
 def _repeated_enough(

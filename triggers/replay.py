@@ -211,8 +211,12 @@ class Replayer:
         elif out.started:
             stats.journeys_started += len(out.started)
             stats.journeys_by_rule.update(out.started)
-        self._reschedule(key.encode(), state)
-        if out.actions or out.decisions:
+        if out.started or out.decisions or out.earlier_due:
+            self._reschedule(key.encode(), state)
+        # Otherwise no journey started, advanced or ended, and due times stayed or
+        # moved later: the entry already scheduled is early enough (`_fire_until`
+        # looks again when it comes up).
+        if out.decisions:
             self._record(out)
             outputs.append(ReplayOutput(key, now, event, out.actions, out.decisions))
 

@@ -19,6 +19,9 @@ class CompiledCancel:
     event: str
     when: Condition | None
     reason: str
+    # When `when` requires `event.P == journey.key`: reads P from the event, so only
+    # the journey with that key is checked.
+    key_getter: Callable[[Any], Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,8 @@ class CompiledRule:
     key_path: tuple[str, ...] | None
     # `key_path` as one attribute lookup; None for one journey per customer.
     key_getter: Callable[[Any], Any] | None
+    # `trigger.repeat` as (count, within); None when one event starts the journey.
+    repeat: tuple[int, timedelta] | None
     step_delays: tuple[timedelta, ...]
 
 
@@ -71,10 +76,13 @@ def _compile(source: str | None, rule_id: str, where: str) -> Condition | None:
 
 
 def _compile_cancel(cancel: CancelOn, rule_id: str, index: int) -> CompiledCancel:
+    when = _compile(cancel.when, rule_id, f"cancel_on.{index}.when")
+    path = when.journey_key_path if when is not None else None
     return CompiledCancel(
         event=cancel.event,
-        when=_compile(cancel.when, rule_id, f"cancel_on.{index}.when"),
+        when=when,
         reason=cancel.reason or cancel.event,
+        key_getter=attrgetter(".".join(path)) if path else None,
     )
 
 
@@ -92,6 +100,9 @@ def compile_rule(rule: Rule) -> CompiledRule:
         restart_events=frozenset(rule.restart_events),
         key_path=None if rule.trigger.key is None else tuple(rule.trigger.key.split(".")),
         key_getter=None if rule.trigger.key is None else attrgetter(rule.trigger.key),
+        repeat=None
+        if rule.trigger.repeat is None
+        else (rule.trigger.repeat.count, rule.trigger.repeat.within),
         step_delays=tuple(step.after for step in rule.steps),
     )
 
@@ -109,9 +120,7 @@ def compile_rules(rules_file: RulesFile, previous: RuleSet | None = None) -> Rul
     by_id = {r.id: r for r in compiled}
     by_version: dict[str, CompiledRule] = {}
     if previous is not None:
-        by_version.update(
-            (v, r) for v, r in previous.by_version.items() if r.id in by_id
-        )
+        by_version.update((v, r) for v, r in previous.by_version.items() if r.id in by_id)
     by_version.update((r.version, r) for r in compiled)
     return RuleSet(
         rules=tuple(compiled),
