@@ -8,11 +8,13 @@ producers legitimately attach their own attributes (rules may read them).
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC
+from operator import methodcaller
 from typing import Annotated, Any, Literal, TypeAlias, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
@@ -31,6 +33,9 @@ Category = Literal["marketing", "transactional"]
 
 NonEmpty = Annotated[str, Field(min_length=1, max_length=256)]
 Money = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+# Any offset in, UTC inside. A C-level callable, not a Python function: this runs for
+# every event, and a Python validator cost about 0.5 us of a 2.5 us validation.
+UtcDatetime = Annotated[AwareDatetime, AfterValidator(methodcaller("astimezone", UTC))]
 
 
 class Properties(BaseModel):
@@ -129,15 +134,10 @@ class _Envelope(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     event_id: NonEmpty
-    occurred_at: AwareDatetime
+    occurred_at: UtcDatetime
     channel: Channel
     customer_id: NonEmpty | None = None
     anonymous_id: NonEmpty | None = None
-
-    @field_validator("occurred_at")
-    @classmethod
-    def _to_utc(cls, value: datetime) -> datetime:
-        return value.astimezone(UTC)
 
     @model_validator(mode="after")
     def _needs_an_id(self) -> _Envelope:
