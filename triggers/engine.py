@@ -109,8 +109,10 @@ def evolve(
     else:
         apply_event(state, item)
         context = _LazyContext(state, item)
-        _cancel_journeys(state, item, context, rules, out, now)
-        _start_journeys(state, item, context, rules, out, now)
+        if item.type in rules.cancelled_by:
+            _cancel_journeys(state, item, context, rules, out, now)
+        if item.type in rules.started_by:
+            _start_journeys(state, item, context, rules, out, now)
         _run_due_steps(state, now, rules, policy, out)
     if state.sent_log:
         prune(state, rules, now)
@@ -122,6 +124,8 @@ def evolve(
 
 class _LazyContext:
     """CEL variables, built only when a condition is actually evaluated."""
+
+    __slots__ = ("_state", "_event", "_event_view", "_customer_view")
 
     def __init__(self, state: CustomerState, event: Event | None) -> None:
         self._state = state
