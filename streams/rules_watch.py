@@ -15,6 +15,7 @@ from aiokafka import AIOKafkaConsumer
 from omnicue.rules import decode_applied
 from schemas.rules import RulesError
 from schemas.topics import RULES, RULES_KEY
+from streams.timers import wake_journeys_of
 from triggers.ruleset import compile_rules
 
 if TYPE_CHECKING:
@@ -54,7 +55,11 @@ def apply_record(p: Pipeline, value: bytes) -> None:
         log.error("ignoring an invalid rules update: %s", exc)
         return
     changed = {r.id: r.version for r in new.rules} != {r.id: r.version for r in p.rules.rules}
+    removed = new.removed - p.rules.removed
     p.rules = new
     if changed:
         versions = ", ".join(f"{r.id}@{r.version}" for r in new.rules)
         log.info("rules updated from %s: %s", source, versions)
+    if removed:
+        woken = wake_journeys_of(p, removed)
+        log.info("rules removed: %s; %d customers to update", ", ".join(sorted(removed)), woken)

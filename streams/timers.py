@@ -10,6 +10,7 @@ so a duplicate or stale timer input does nothing.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +46,8 @@ def register_timers(p: Pipeline) -> None:
 
     async def rebuild_schedule() -> None:
         rebuild_from_table(p)
+        if p.rules.removed:
+            wake_journeys_of(p, p.rules.removed)
 
     p.customers.on_recover(rebuild_schedule)
 
@@ -57,13 +60,17 @@ def register_timers(p: Pipeline) -> None:
     p.app.on_partitions_revoked.connect(forget_revoked)  # type: ignore[arg-type]
 
 
-def rebuild_from_table(p: Pipeline) -> None:
-    """One scan of the owned state after recovery, never one per tick."""
-    owned = {
+def _owned_partitions(p: Pipeline) -> set[int]:
+    return {
         tp.partition
         for tp in p.app.assignor.assigned_actives()
         if tp.topic == names.CUSTOMER_INPUTS
     }
+
+
+def rebuild_from_table(p: Pipeline) -> None:
+    """One scan of the owned state after recovery, never one per tick."""
+    owned = _owned_partitions(p)
     p.schedule.clear()
     customers = 0
     for key, raw in p.customers.items():
@@ -76,3 +83,23 @@ def rebuild_from_table(p: Pipeline) -> None:
     p.metrics.customers_in_state.set(customers)
     p.metrics.timers_pending.set(len(p.schedule))
     log.info("timer schedule rebuilt: %d customers, %d pending", customers, len(p.schedule))
+
+
+def wake_journeys_of(p: Pipeline, rule_ids: Iterable[str]) -> int:
+    """Make every owned customer with a journey of these (removed) rules due now, so
+    the engine ends those journeys at once rather than at their own due times.
+
+    One scan of the owned state, on a rules update that removes rules. The stored
+    JSON is searched for the rule id before anything is parsed; a false match
+    (the id in the send log) only costs a timer input that changes nothing.
+    """
+    needles = [f'"rule_id":"{rule_id}"'.encode() for rule_id in rule_ids]
+    owned = _owned_partitions(p)
+    now = p.clock()
+    woken = 0
+    for key, raw in p.customers.items():
+        partition = partition_for(key, p.settings.partitions)
+        if partition in owned and any(needle in raw for needle in needles):
+            p.schedule.set_due(key, now, partition)
+            woken += 1
+    return woken

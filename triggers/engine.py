@@ -101,6 +101,8 @@ def evolve(
     """Like `decide`, but changes `state` in place: for callers that own a private copy
     (the stream shell and replay deserialize one per customer per batch)."""
     out = Output()
+    if rules.removed and state.journeys:
+        _end_removed_rules(state, rules, now, out)
     if isinstance(item, TimerFired):
         _run_due_steps(state, now, rules, policy, out)
     elif not remember_event(state, item.event_id):
@@ -227,6 +229,15 @@ def _walk(path: tuple[str, ...], event: Event) -> Any:
         if value is None:
             return None
     return value
+
+
+def _end_removed_rules(state: CustomerState, rules: RuleSet, now: datetime, out: Output) -> None:
+    for slot, journey in list(state.journeys.items()):
+        if journey.rule_id in rules.removed:
+            del state.journeys[slot]
+            out.decisions.append(
+                _decision(state, journey, now, outcome="cancelled", reason="rule_removed")
+            )
 
 
 def _cancel_journeys(

@@ -57,6 +57,9 @@ class RuleSet:
     cancelled_by: dict[str, tuple[CompiledRule, ...]] = field(default_factory=dict)
     # How far back the caps look: older sends are dropped from state.
     cap_horizon: timedelta = timedelta(days=1)
+    # Rule ids removed by an update since this process loaded its rules: their
+    # journeys end (`rule_removed`) on the customer's next input, not at their due time.
+    removed: frozenset[str] = frozenset()
 
     def for_journey(self, rule_id: str, version: str) -> CompiledRule | None:
         """The rule version a journey started with; None once the rule is removed."""
@@ -122,6 +125,9 @@ def compile_rules(rules_file: RulesFile, previous: RuleSet | None = None) -> Rul
     if previous is not None:
         by_version.update((v, r) for v, r in previous.by_version.items() if r.id in by_id)
     by_version.update((r.version, r) for r in compiled)
+    removed: frozenset[str] = frozenset()
+    if previous is not None:
+        removed = (previous.removed | previous.by_id.keys()) - by_id.keys()
     return RuleSet(
         rules=tuple(compiled),
         policy=rules_file.policy,
@@ -130,4 +136,5 @@ def compile_rules(rules_file: RulesFile, previous: RuleSet | None = None) -> Rul
         started_by={k: tuple(v) for k, v in started.items()},
         cancelled_by={k: tuple(v) for k, v in cancelled.items()},
         cap_horizon=longest_window(rules_file.policy.caps, (r.rule.cap for r in compiled)),
+        removed=removed,
     )

@@ -6,7 +6,9 @@ from datetime import datetime
 
 from schemas.actions import Action
 from schemas.decisions import Decision
+from schemas.rules import rules_from_data
 from tests.factories import (
+    CART_RULE,
     T0,
     cart_add,
     cart_remove,
@@ -19,6 +21,7 @@ from tests.factories import (
     ruleset,
 )
 from triggers.engine import EnginePolicy, Input, Result, TimerFired, decide
+from triggers.ruleset import compile_rules
 from triggers.state import CustomerState
 
 RULES = ruleset()
@@ -244,6 +247,24 @@ def test_rule_removed_while_a_journey_is_pending_cancels_it() -> None:
                     EnginePolicy(), "c1")
     assert result.actions == []
     assert [(d.outcome, d.reason) for d in result.decisions] == [("cancelled", "rule_removed")]
+
+
+def test_a_rules_update_that_removes_a_rule_ends_its_journeys_on_the_next_input() -> None:
+    state, _, _ = run([at(identify()), at(consent("email")), at(cart_add())])
+    updated = compile_rules(
+        rules_from_data({"version": 1, "rules": [CART_RULE_OTHER]}), previous=RULES
+    )
+    assert updated.removed == {"cart_abandonment"}
+    # Five minutes in: long before the cart step is due.
+    result = decide(state, event("product.viewed", {"product_id": "p"}), T0 + minutes(5),
+                    updated, EnginePolicy(), "c1")
+    assert result.state.journeys == {}
+    assert [(d.outcome, d.reason, d.rule_id) for d in result.decisions] == [
+        ("cancelled", "rule_removed", "cart_abandonment")
+    ]
+    # Applying the cart rule again makes it a current rule, no longer a removed one.
+    again = compile_rules(rules_from_data({"version": 1, "rules": [CART_RULE]}), previous=updated)
+    assert again.removed == {"other"}
 
 
 CART_RULE_OTHER = {
