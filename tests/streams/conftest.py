@@ -1,0 +1,68 @@
+"""The Faust shell tested in-process: agents through `agent.test_context()`, the
+memory store, an explicit clock, and the records the pipeline emits captured at its
+own producer. End-to-end tests (tests/e2e) run the same code against a real broker."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from omnicue.settings import Settings
+from streams.app import Pipeline, create_app
+from streams.outbox import RecordSender
+from tests.factories import T0, ruleset
+
+
+class CapturingSender(RecordSender):
+    """The pipeline's record producer, keeping the records instead of sending them."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.records: list[tuple[str, bytes | None, bytes | None, int | None, Any]] = []
+
+    async def on_start(self) -> None:
+        pass
+
+    async def on_stop(self) -> None:
+        pass
+
+    async def send_all(self, records: list[Any]) -> None:
+        self.records.extend(records)
+
+
+@dataclass
+class Shell:
+    pipeline: Pipeline
+    sender: CapturingSender
+    now: list[datetime] = field(default_factory=lambda: [T0])
+
+    def on(self, topic: str) -> list[dict[str, Any]]:
+        return [
+            orjson.loads(value)
+            for name, _, value, _, _ in self.sender.records
+            if name == topic and value is not None
+        ]
+
+    def headers(self, topic: str) -> list[dict[str, bytes]]:
+        return [dict(h or []) for name, _, _, _, h in self.sender.records if name == topic]
+
+    def keys(self, topic: str) -> list[bytes | None]:
+        return [key for name, key, _, _, _ in self.sender.records if name == topic]
+
+
+@pytest.fixture
+async def shell(tmp_path: Path) -> AsyncIterator[Shell]:
+    settings = Settings(store="memory://", data_dir=tmp_path / "data", batch_within=0.01)
+    clock: list[datetime] = [T0]
+    pipeline = create_app(settings, ruleset(), clock=lambda: clock[0])
+    sender = CapturingSender(settings)
+    pipeline.sender = sender
+    pipeline.app.finalize()
+    yield Shell(pipeline, sender, clock)
+
