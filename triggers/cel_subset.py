@@ -145,8 +145,8 @@ class _Parser:
             if kind != "ident" or name in _RESERVED:
                 raise SyntaxError("field name expected")
             node = _select(node, name)
-        if self._peek() is not None and self._peek() in (("op", "("),):
-            raise SyntaxError("calls are left to CEL")
+        if self._peek() == ("op", "("):
+            raise SyntaxError("method calls are left to CEL")
         return node
 
     def _primary(self) -> Node:
