@@ -283,44 +283,34 @@ def _not(operand: Node) -> Node:
     return evaluate
 
 
-def _and(left: Node, right: Node) -> Node:
-    def evaluate(context: Context) -> bool:
-        try:
-            a: Any = left(context)
-        except CelError as exc:
-            a = exc
-        if a is False:
-            return False
-        b = right(context)  # an error here is the result: `a` cannot absorb it
-        if b is False:
-            return False
-        if type(b) is not bool:
-            raise CelError("no such overload")
-        if a is True:
-            return True
-        raise a if isinstance(a, CelError) else CelError("no such overload")
+def _logical(decisive: bool) -> Callable[[Node, Node], Node]:
+    """`&&` (decided by a false side) or `||` (by a true side). Either side deciding
+    absorbs an error on the other, as in CEL; otherwise both must be bools."""
 
-    return evaluate
+    def build(left: Node, right: Node) -> Node:
+        def evaluate(context: Context) -> bool:
+            try:
+                a: object = left(context)
+            except CelError as exc:
+                a = exc
+            if a is decisive:
+                return decisive
+            b: object = right(context)  # an error here is the result: `a` cannot absorb it
+            if b is decisive:
+                return decisive
+            if type(b) is not bool:
+                raise CelError("no such overload")
+            if a is (not decisive):
+                return not decisive
+            raise a if isinstance(a, CelError) else CelError("no such overload")
+
+        return evaluate
+
+    return build
 
 
-def _or(left: Node, right: Node) -> Node:
-    def evaluate(context: Context) -> bool:
-        try:
-            a: Any = left(context)
-        except CelError as exc:
-            a = exc
-        if a is True:
-            return True
-        b = right(context)
-        if b is True:
-            return True
-        if type(b) is not bool:
-            raise CelError("no such overload")
-        if a is False:
-            return False
-        raise a if isinstance(a, CelError) else CelError("no such overload")
-
-    return evaluate
+_and = _logical(False)
+_or = _logical(True)
 
 
 _RELATIONS: dict[str, Callable[[Node, Node], Node]] = {
