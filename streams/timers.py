@@ -46,8 +46,6 @@ def register_timers(p: Pipeline) -> None:
 
     async def rebuild_schedule() -> None:
         rebuild_from_table(p)
-        if p.rules.removed:
-            wake_journeys_of(p, p.rules.removed)
 
     p.customers.on_recover(rebuild_schedule)
 
@@ -79,7 +77,10 @@ def rebuild_from_table(p: Pipeline) -> None:
             continue
         customers += 1
         state = CustomerState.model_validate_json(raw)
-        p.schedule.set_due(key, state.next_due(), partition)
+        due = state.next_due()
+        if p.rules.removed and any(j.rule_id in p.rules.removed for j in state.journeys.values()):
+            due = p.clock()  # journeys of removed rules end now (see `wake_journeys_of`)
+        p.schedule.set_due(key, due, partition)
     p.metrics.customers_in_state.set(customers)
     p.metrics.timers_pending.set(len(p.schedule))
     log.info("timer schedule rebuilt: %d customers, %d pending", customers, len(p.schedule))
