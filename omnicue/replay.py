@@ -34,6 +34,7 @@ from schemas.events import (
     Identify,
     OrderCompleted,
     ProductViewed,
+    ProductViewedProperties,
     describe_validation_error,
     event_adapter,
 )
@@ -58,6 +59,10 @@ REES46_COLUMNS = (
 MAX_REPORTED_INVALID = 100
 # How many input lines between two looks at the clock for the progress bar.
 _PROGRESS_EVERY = 2048
+# Distinct product rows whose validated view properties are kept for reuse.
+_VIEWED_CACHE_SIZE = 65_536
+# `ProductViewed.model_validate` without its Python wrapper: this runs for most rows.
+_validate_viewed = ProductViewed.__pydantic_validator__.validate_python
 
 OnInvalid = Callable[[InvalidLine], None]
 
@@ -128,6 +133,9 @@ class Rees46Reader:
         # The file is sorted by time, so consecutive rows mostly share a timestamp.
         self._last_time = ""
         self._last_parsed = datetime.min.replace(tzinfo=UTC)
+        # Views are most rows, and popular products recur: a product row's properties
+        # are validated once, then the (frozen, so shareable) model is reused.
+        self._viewed: dict[tuple[str, ...], ProductViewedProperties] = {}
 
     def __iter__(self) -> Iterator[Event | InvalidLine]:
         # Bytes decoded here rather than by open(): an undecodable byte becomes one
@@ -206,6 +214,12 @@ class Rees46Reader:
         }
         # Validated per concrete type: cheaper than the discriminated union, same checks.
         if kind == "view":
+            envelope["type"] = "product.viewed"
+            fields = (product_id, price, category_code, category_id, brand)
+            cached = self._viewed.get(fields)
+            if cached is not None:
+                envelope["properties"] = cached
+                return _validate_viewed(envelope)  # type: ignore[no-any-return]
             viewed: dict[str, Any] = {
                 "product_id": product_id,
                 "price": price or None,
@@ -214,9 +228,12 @@ class Rees46Reader:
             }
             if brand:
                 viewed["brand"] = brand
-            envelope["type"] = "product.viewed"
             envelope["properties"] = viewed
-            return ProductViewed.model_validate(envelope)
+            event: ProductViewed = _validate_viewed(envelope)
+            if len(self._viewed) >= _VIEWED_CACHE_SIZE:
+                self._viewed.clear()
+            self._viewed[fields] = event.properties
+            return event
         if kind == "cart":
             envelope["type"] = "cart.item_added"
             envelope["properties"] = {

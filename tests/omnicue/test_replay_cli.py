@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -10,8 +11,10 @@ import orjson
 from typer.testing import CliRunner
 
 from omnicue.cli import app
+from omnicue.replay import Rees46Reader
 from schemas.actions import make_action_id
 from tests.factories import T0, event_dict
+from triggers.replay import InvalidLine
 
 REES46_HEADER = (
     "event_time,event_type,product_id,category_id,category_code,brand,price,user_id,user_session"
@@ -162,6 +165,24 @@ def test_rees46_bad_rows_are_reported_and_skipped(tmp_path: Path) -> None:
     assert f"{source}:10: properties.price: Input should be greater than or equal to 0" in err
     assert f"{source}:11: event_time" in err
     assert "invalid lines:     3" in result.stdout
+
+
+def test_rees46_views_of_one_product_row_share_their_validated_properties() -> None:
+    view = "2019-10-01 00:00:0{s} UTC,view,1004856,2053013555631882655,,samsung,{price},{user},s-a"
+    rows = [
+        view.format(s=0, price="130.76", user="512000001"),
+        view.format(s=1, price="130.76", user="512000002"),
+        view.format(s=2, price="-1", user="512000003"),
+    ]
+    data = (REES46_HEADER + "\n" + "\n".join(rows) + "\n").encode()
+    first, second, bad = Rees46Reader(io.BytesIO(data))
+    assert not isinstance(first, InvalidLine) and not isinstance(second, InvalidLine)
+    assert second.properties is first.properties
+    assert (first.event_id, second.event_id) == ("rees46-2", "rees46-3")
+    assert second.customer_id == "512000002"
+    # A row that fails is reported with the field's path, as for other event types.
+    assert isinstance(bad, InvalidLine)
+    assert bad.error.startswith("properties.price: Input should be greater than or equal to 0")
 
 
 def test_jsonl_invalid_line_is_reported_with_its_number_and_the_replay_goes_on(
