@@ -29,7 +29,6 @@ from triggers.state import (
     Journey,
     SentRecord,
     apply_event,
-    journey_slot,
     remember_event,
 )
 
@@ -311,13 +310,13 @@ def _start_journeys(
     event_type = event.type
     journeys = state.journeys
     for rule in rules.started_by.get(event_type, ()):
-        key = journey_key(rule, event)
+        key = DEFAULT_JOURNEY_KEY if rule.key_getter is None else journey_key(rule, event)
         if key is None:
             continue
-        slot = journey_slot(rule.id, key)
+        slot = rule.slot_prefix + key
         journey = journeys.get(slot)
         if journey is not None:
-            if event_type in rule.restart_events and _restart(journey, rules, anchor, event):
+            if event_type in rule.restart_events and _restart(journey, rule, rules, anchor, event):
                 out.earlier_due = True
             continue
         if event_type not in rule.trigger_events:
@@ -367,13 +366,21 @@ def _start_journeys(
         )
 
 
-def _restart(journey: Journey, rules: RuleSet, anchor: datetime, event: Event) -> bool:
+def _restart(
+    journey: Journey, current: CompiledRule, rules: RuleSet, anchor: datetime, event: Event
+) -> bool:
     """Restart the clock; steps already evaluated are not repeated, and a late event
     never moves the clock backwards. True when the step is now due earlier than it
-    was (it had been deferred)."""
-    rule = rules.for_journey(journey.rule_id, journey.rule_version)
-    if rule is None or anchor <= journey.started_at:
+    was (it had been deferred). `current` is the rule's loaded version."""
+    if anchor <= journey.started_at:
         return False
+    if journey.rule_version == current.version:
+        rule = current
+    else:
+        started_with = rules.for_journey(journey.rule_id, journey.rule_version)
+        if started_with is None:
+            return False
+        rule = started_with
     previous_due = journey.due_at
     journey.started_at = anchor
     journey.step_due_at = anchor + rule.step_delays[journey.next_step - 1]
@@ -386,8 +393,9 @@ def _restart(journey: Journey, rules: RuleSet, anchor: datetime, event: Event) -
 def _repeated_enough(
     state: CustomerState, slot: str, count: int, within: timedelta, at: datetime
 ) -> bool:
-    cutoff = at - within
-    seen = [t for t in state.occurrences.get(slot, ()) if t > cutoff]
+    previous = state.occurrences.get(slot)
+    # `cutoff.__lt__` keeps the occurrences after the cutoff, without a Python frame.
+    seen = [] if previous is None else list(filter((at - within).__lt__, previous))
     seen.append(at)
     state.occurrences[slot] = seen[-count:]
     return len(seen) >= count
@@ -412,6 +420,11 @@ def _run_due_steps(
     # One at a time, highest priority first: each firing counts against the caps
     # the next one is checked with. A deferred step moves its due time past now.
     journeys = state.journeys
+    for journey in journeys.values():
+        if journey.due_at <= now:
+            break
+    else:
+        return  # the common case: nothing due
     while True:
         due = [
             (-_priority(rules, j), j.due_at, slot)

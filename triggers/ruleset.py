@@ -12,6 +12,7 @@ from typing import Any
 from schemas.rules import CancelOn, Policy, Rule, RulesError, RulesFile
 from triggers.conditions import Condition, ConditionError
 from triggers.guards import longest_window
+from triggers.state import journey_slot
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class CompiledRule:
     step_conditions: tuple[Condition | None, ...]
     # Worked out from `rule` once, as the engine reads them on nearly every event.
     id: str
+    # `journey_slot(id, key)` is `slot_prefix + key`, without the call.
+    slot_prefix: str
     trigger_events: frozenset[str]
     restart_events: frozenset[str]
     # `trigger.key` split at its dots; None for one journey per customer.
@@ -99,6 +102,7 @@ def compile_rule(rule: Rule) -> CompiledRule:
             _compile(step.when, rule.id, f"steps.{i}.when") for i, step in enumerate(rule.steps)
         ),
         id=rule.id,
+        slot_prefix=journey_slot(rule.id, ""),
         trigger_events=frozenset(rule.trigger.events),
         restart_events=frozenset(rule.restart_events),
         key_path=None if rule.trigger.key is None else tuple(rule.trigger.key.split(".")),
