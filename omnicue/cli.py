@@ -157,7 +157,7 @@ def replay(
     ] = False,
 ) -> None:
     """Backtest rules offline: replay an event log through the engine in event time."""
-    from omnicue.replay import FORMATS, ReplayInputError, format_for, parse_until, run_replay
+    from omnicue.replay import FORMATS, ReplayInputError, format_for, parse_timestamp, run_replay
     from schemas.rules import RulesError
 
     if fmt is None:
@@ -166,7 +166,7 @@ def replay(
         typer.echo(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}", err=True)
         raise typer.Exit(2)
     try:
-        horizon = parse_until(until) if until is not None else None
+        horizon = parse_timestamp(until) if until is not None else None
     except ValueError as exc:
         typer.echo(f"--until: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -189,16 +189,12 @@ class Rees46Reader:
         return invalid
 
     def _time(self, value: str) -> datetime:
+        # REES46 writes "2019-10-01 00:00:00 UTC".
+        text = value[:-4] + "+00:00" if value.endswith(" UTC") else value
         try:
-            if value.endswith(" UTC"):
-                parsed = datetime.fromisoformat(value[:-4]).replace(tzinfo=UTC)
-            else:
-                parsed = datetime.fromisoformat(value)
-        except ValueError:
-            raise ValueError(f"event_time: not a timestamp: {value!r}") from None
-        if parsed.tzinfo is None:
-            raise ValueError(f"event_time: {value!r} has no time zone")
-        parsed = parsed.astimezone(UTC)
+            parsed = parse_timestamp(text)
+        except ValueError as exc:
+            raise ValueError(f"event_time: {exc}") from None
         self._last_time, self._last_parsed = value, parsed
         return parsed
 
@@ -512,7 +508,7 @@ def run_replay(
     )
 
 
-def parse_until(value: str) -> datetime:
+def parse_timestamp(value: str) -> datetime:
     """An RFC 3339 timestamp with an offset, as an aware UTC datetime."""
     try:
         parsed = datetime.fromisoformat(value)
