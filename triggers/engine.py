@@ -205,10 +205,10 @@ def journey_view(journey: Journey | None) -> dict[str, Any]:
 
 
 def journey_key(rule: CompiledRule, event: Event) -> str | None:
-    """The instance key from the rule's `trigger.key` path; None when the event lacks it."""
+    """The instance key from a keyed rule's `trigger.key` path; None when the event lacks
+    it. (A rule without `trigger.key` has one journey per customer: DEFAULT_JOURNEY_KEY.)"""
     getter, path = rule.key_getter, rule.key_path
-    if getter is None or path is None:
-        return DEFAULT_JOURNEY_KEY
+    assert getter is not None and path is not None, f"rule {rule.id} has no trigger.key"
     try:
         # Typed fields and extras (pydantic exposes them as attributes) in one call.
         value = getter(event)
@@ -250,7 +250,7 @@ def _cancel_journeys(
     for rule in rules.cancelled_by.get(event.type, ()):
         cancels = [c for c in rule.cancels if c.event == event.type]
         keys = _cancellable_keys(cancels, event)
-        prefix = f"{rule.id}|"
+        prefix = rule.slot_prefix
         for slot, journey in list(state.journeys.items()):
             if journey.rule_id != rule.id or (keys is not None and journey.key not in keys):
                 continue
