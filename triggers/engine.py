@@ -263,7 +263,7 @@ def _cancel_journeys(
                               event_id=event.event_id)
                 )
                 break
-        if rule.rule.trigger.repeat is not None:
+        if rule.repeat is not None:
             # A cancelling event also resets a repeat count ("3 views with no cart add");
             # conditions see the counted key as `journey.key`.
             if keys is None:
