@@ -30,6 +30,7 @@ from triggers.state import (
     SentRecord,
     apply_event,
     remember_event,
+    slot_rule_id,
 )
 
 DEFAULT_JOURNEY_KEY = "customer"
@@ -321,7 +322,9 @@ def _start_journeys(
             continue
         if event_type not in rule.trigger_events:
             continue
-        if rule.repeat is not None and not _repeated_enough(state, slot, *rule.repeat, anchor):
+        if rule.repeat is not None and not _repeated_enough(
+            state.occurrences, rules, slot, *rule.repeat, anchor
+        ):
             continue
         definition = rule.rule
         if definition.once and slot in state.once_started:
@@ -391,14 +394,44 @@ def _restart(
 
 
 def _repeated_enough(
-    state: CustomerState, slot: str, count: int, within: timedelta, at: datetime
+    occurrences: dict[str, list[datetime]],
+    rules: RuleSet,
+    slot: str,
+    count: int,
+    within: timedelta,
+    at: datetime,
 ) -> bool:
-    previous = state.occurrences.get(slot)
-    # `cutoff.__lt__` keeps the occurrences after the cutoff, without a Python frame.
-    seen = [] if previous is None else list(filter((at - within).__lt__, previous))
-    seen.append(at)
-    state.occurrences[slot] = seen[-count:]
+    # Taken out and put back at the end: the counts stay in the order of their last
+    # occurrence, so the ones that can no longer count are at the front.
+    previous = occurrences.pop(slot, None)
+    if previous is None:
+        _forget_stale_counts(occurrences, rules, at)
+        seen = [at]
+    else:
+        # `cutoff.__lt__` keeps the occurrences after the cutoff, without a Python frame.
+        seen = list(filter((at - within).__lt__, previous))
+        seen.append(at)
+    occurrences[slot] = seen[-count:]
     return len(seen) >= count
+
+
+def _forget_stale_counts(
+    occurrences: dict[str, list[datetime]], rules: RuleSet, at: datetime
+) -> None:
+    """Drop the oldest counts while their last occurrence is outside their rule's
+    window (or their rule no longer counts): one count per key ever seen, such as
+    every product a customer viewed, would otherwise stay in the state for good.
+
+    A count moved out of order (by a late event, or a rule with a longer window in
+    front of it) is dropped later: when counted, old occurrences are filtered anyway.
+    """
+    while occurrences:
+        slot = next(iter(occurrences))
+        rule = rules.by_id.get(slot_rule_id(slot))
+        if rule is not None and rule.repeat is not None:
+            if occurrences[slot][-1] > at - rule.repeat[1]:
+                return
+        del occurrences[slot]
 
 
 def _start_blocked(

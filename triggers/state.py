@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,6 +29,9 @@ RECENT_EVENT_IDS = 32
 # Decisions kept per customer to answer "why (not)?" without another store.
 RECENT_DECISIONS = 20
 SENDABLE_CHANNELS = frozenset({"push", "email", "sms", "kakao"})
+# A cart untouched this long is gone, as store platforms expire carts (Magento's
+# default quote lifetime, and Shopify's Storefront API carts: 30 days from the last update).
+CART_RETENTION = timedelta(days=30)
 
 # The state's nested parts are plain dataclasses, not pydantic models: the engine
 # changes them on nearly every event, and a model's validated attribute assignment
@@ -153,6 +156,11 @@ def journey_slot(rule_id: str, key: str) -> str:
     return f"{rule_id}|{key}"
 
 
+def slot_rule_id(slot: str) -> str:
+    """The rule id of a `journey_slot` (rule ids have no "|")."""
+    return slot.partition("|")[0]
+
+
 def apply_event(state: CustomerState, event: Event) -> None:
     """Fold one event into the state (in place: the caller owns a private copy)."""
     previous = state.last_activity.get(event.channel)
@@ -193,12 +201,29 @@ def _device_unregistered(state: CustomerState, event: DeviceUnregistered) -> Non
 
 def _cart_item_added(state: CustomerState, event: CartItemAdded) -> None:
     added = event.properties
-    cart = state.carts.get(added.cart_id) or Cart(updated_at=event.occurred_at)
+    cart = state.carts.get(added.cart_id)
+    if cart is None:
+        # Old carts are looked at when a new one starts: a customer keeps the carts
+        # of the last `CART_RETENTION`, not of their whole history.
+        _forget_idle_carts(state, event.occurred_at)
+        cart = Cart(updated_at=event.occurred_at)
     line = cart.lines.get(added.product_id)
     quantity = added.quantity + (line.quantity if line else 0)
     cart.lines[added.product_id] = CartLine(quantity=quantity, price=added.price)
     cart.updated_at = event.occurred_at
     state.carts[added.cart_id] = cart
+
+
+def _forget_idle_carts(state: CustomerState, now: datetime) -> None:
+    """Drop carts untouched for `CART_RETENTION`, unless a journey is keyed by one
+    (its actions carry the cart's lines)."""
+    cutoff = now - CART_RETENTION
+    idle = [cart_id for cart_id, cart in state.carts.items() if cart.updated_at <= cutoff]
+    if idle:
+        in_journeys = {journey.key for journey in state.journeys.values()}
+        for cart_id in idle:
+            if cart_id not in in_journeys:
+                del state.carts[cart_id]
 
 
 def _cart_item_removed(state: CustomerState, event: CartItemRemoved) -> None:

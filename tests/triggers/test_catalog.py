@@ -101,6 +101,22 @@ def test_views_spread_over_more_than_a_day_do_not_count() -> None:
     assert t.of("browse_abandonment") == ([], [])
 
 
+def test_a_long_browsing_history_keeps_only_the_view_counts_that_can_still_count() -> None:
+    t = customer()
+    # A product a day for 60 days: without forgetting, one count per product ever seen.
+    for day in range(60):
+        t.send(view(f"p-{day}", MORNING + timedelta(days=day)))
+    last = MORNING + timedelta(days=59)
+    # Each view finds the previous day's count a day old, outside the 24h window.
+    assert list(t.state.occurrences) == ["browse_abandonment|p-59"]
+    # Counting still works after the sweeps, for a product seen long ago too.
+    for i in range(3):
+        t.send(view("p-0", last + minutes(i)))
+    t.advance(last + timedelta(hours=3))
+    actions, _ = t.of("browse_abandonment")
+    assert [a.journey_key for a in actions] == ["p-0"]
+
+
 def test_welcome_series_once_with_a_promotion_unless_they_ordered() -> None:
     t = customer(push=False)
     t.send(identify(at=MORNING + minutes(5)))  # a second identify does not restart it

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from schemas.actions import Action
 from schemas.decisions import Decision
@@ -273,3 +273,28 @@ CART_RULE_OTHER = {
     "trigger": {"event": "store.visited"},
     "steps": [{"after": "1h", "channels": ["sms"], "template": "x"}],
 }
+
+
+def test_a_new_cart_forgets_carts_untouched_for_30_days_unless_a_journey_is_keyed_by_them() -> None:
+    long_rule = {
+        "id": "cart_follow_up",
+        "category": "marketing",
+        "trigger": {"event": "cart.item_added", "key": "properties.cart_id",
+                    "when": "event.properties.cart_id == 'cart-2'"},
+        "steps": [{"after": "40d", "channels": ["email"], "template": "still_there"}],
+    }
+    rules = ruleset(CART_RULE, long_rule)
+    day_1 = T0 + timedelta(days=1)
+    later = T0 + timedelta(days=30, minutes=30)
+    state = None
+    for item, now in [
+        at(cart_add("cart-1")),
+        at(cart_add("cart-2")),
+        (cart_add("cart-3", at=day_1), day_1),
+        (cart_add("cart-4", at=later), later),
+    ]:
+        state = decide(state, item, now, rules, OPT_IN, "c1").state
+    assert state is not None
+    # cart-1: idle 30.5 days. cart-2: as idle, but its follow-up is due at 40 days and
+    # will carry its lines. cart-3: changed 29.5 days ago.
+    assert sorted(state.carts) == ["cart-2", "cart-3", "cart-4"]
