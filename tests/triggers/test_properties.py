@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from unittest.mock import patch
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -164,3 +165,48 @@ def test_the_same_input_gives_byte_identical_output(
         return "\n".join(lines).encode()
 
     assert output(drive(sequence, tz, customer)) == output(drive(sequence, tz, customer))
+
+
+browsing = st.lists(
+    st.tuples(
+        st.sampled_from(["view"] * 6 + ["add", "identify", "consent", "device"]),
+        # Twelve products, so that many view counts are started and left to go stale.
+        st.integers(0, 11),
+        # From a minute to a day and a half: views inside and outside the 24h window.
+        st.integers(60, 36 * 3600),
+    ),
+    min_size=1,
+    max_size=80,
+)
+
+
+@common
+@given(browsing, customers)
+def test_forgetting_stale_view_counts_never_changes_a_decision(
+    sequence: list[tuple[str, int, int]], customer: str
+) -> None:
+    def drive_views(forget: bool) -> Timeline:
+        t = Timeline(CATALOG, EnginePolicy(), state=new_state(customer))
+        at = START
+        for index, (kind, choice, gap) in enumerate(sequence):
+            at += timedelta(seconds=gap)
+            if kind == "view":
+                e = event("product.viewed", {"product_id": f"p-{choice}"}, at=at)
+            elif kind == "add":
+                e = cart_add("A", f"p-{choice}", at=at)
+            else:
+                e = make_event(kind, choice, at, "UTC")
+            update = {"customer_id": customer, "event_id": f"e{index}"}
+            if forget:
+                t.send(e.model_copy(update=update))
+            else:
+                with patch("triggers.engine._forget_stale_counts", lambda *_: None):
+                    t.send(e.model_copy(update=update))
+        t.advance(at + timedelta(days=8))
+        return t
+
+    forgetting, keeping = drive_views(forget=True), drive_views(forget=False)
+    assert forgetting.actions == keeping.actions
+    assert forgetting.decisions == keeping.decisions
+    kept = keeping.state.occurrences
+    assert all(kept.get(slot) == seen for slot, seen in forgetting.state.occurrences.items())
