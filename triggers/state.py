@@ -29,8 +29,8 @@ RECENT_EVENT_IDS = 32
 # Decisions kept per customer to answer "why (not)?" without another store.
 RECENT_DECISIONS = 20
 SENDABLE_CHANNELS = frozenset({"push", "email", "sms", "kakao"})
-# A cart untouched this long is gone, as store platforms expire carts (Magento's
-# default quote lifetime, and Shopify's Storefront API carts: 30 days from the last update).
+# A cart untouched this long is gone: store platforms expire carts too (Magento's
+# default quote lifetime is 30 days).
 CART_RETENTION = timedelta(days=30)
 
 # The state's nested parts are plain dataclasses, not pydantic models: the engine
