@@ -251,6 +251,10 @@ def explain(
     typer.echo("last decisions (newest first):" if body["decisions"] else "no decision yet")
     for decision in body["decisions"]:
         typer.echo(f"  {decision['text']}")
+    if body.get("held_back"):
+        typer.echo("not started, though their trigger events came:")
+        for item in body["held_back"]:
+            typer.echo(f"  {item['text']}")
 
 
 def _load_or_exit(loader: Callable[[Path | None], RuleSet], path: Path | None) -> RuleSet:

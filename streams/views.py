@@ -37,6 +37,7 @@ def register_views(p: Pipeline) -> None:
             raw = p.customers.get(customer_id.encode())
             if raw is None:
                 return self.json({"error": f"no state for customer {customer_id!r}"}, status=404)
-            return self.json(explanation(CustomerState.model_validate_json(raw)))
+            state = CustomerState.model_validate_json(raw)
+            return self.json(explanation(state, p.rules, p.clock()))
 
     p.app.page("/customers/{customer_id}/decisions")(CustomerDecisions)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from pydantic import TypeAdapter
 
 from schemas.decisions import Decision
-from triggers.state import CustomerState, Journey
+from schemas.rules import format_duration
+from triggers.ruleset import RuleSet
+from triggers.state import CustomerState, Journey, slot_rule_id
 
 REASONS = {
     "unreachable": "no contact point on any of the step's channels (no push token, no "
@@ -32,9 +35,13 @@ REASONS = {
 _journey_adapter = TypeAdapter(Journey)
 
 
+def _stamp(at: datetime) -> str:
+    return at.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 def describe(decision: Decision) -> str:
     what = f"{decision.rule_id} step {decision.step} ({decision.journey_key})"
-    when = decision.decided_at.strftime("%Y-%m-%d %H:%M:%S UTC")
+    when = _stamp(decision.decided_at)
     reason = REASONS.get(decision.reason or "", decision.reason or "")
     match decision.outcome:
         case "fired":
@@ -54,15 +61,72 @@ def describe(decision: Decision) -> str:
 
 
 def describe_journey(journey: Journey) -> str:
-    due = journey.due_at.strftime("%Y-%m-%d %H:%M:%S UTC")
     return (
-        f"{journey.rule_id} ({journey.key}): step {journey.next_step} due {due}, started "
-        f"{journey.started_at.strftime('%Y-%m-%d %H:%M:%S UTC')} by event "
+        f"{journey.rule_id} ({journey.key}): step {journey.next_step} due "
+        f"{_stamp(journey.due_at)}, started {_stamp(journey.started_at)} by event "
         f"{journey.trigger_event_id}"
     )
 
 
-def explanation(state: CustomerState) -> dict[str, Any]:
+def held_back(state: CustomerState, rules: RuleSet, now: datetime) -> list[dict[str, Any]]:
+    """What keeps rules from starting for this customer, which no decision shows (a
+    `reentry` suppression only once a start is tried): repeat counts still short of
+    their count, `once` rules that have run, and reentry windows still open."""
+    found: list[dict[str, Any]] = []
+    reentry_until: dict[str, datetime] = {}
+    for rule_id, started_at in state.last_started.items():
+        rule = rules.by_id.get(rule_id)
+        reentry = rule.rule.reentry if rule is not None else None
+        if reentry is None or now - started_at >= reentry:
+            continue
+        reentry_until[rule_id] = started_at + reentry
+        found.append({
+            "rule_id": rule_id,
+            "reason": "reentry",
+            "until": (started_at + reentry).isoformat(),
+            "text": f"{rule_id}: started {_stamp(started_at)}, so not again before "
+            f"{_stamp(started_at + reentry)} (reentry {format_duration(reentry)})",
+        })
+    for slot, seen in state.occurrences.items():
+        rule = rules.by_id.get(slot_rule_id(slot))
+        if rule is None or rule.repeat is None:
+            continue
+        count, within = rule.repeat
+        recent = [at for at in seen if at > now - within]
+        if not recent:
+            continue
+        key = slot[len(rule.slot_prefix) :]
+        events = " or ".join(sorted(rule.trigger_events)) + " events"
+        more = f"{count - len(recent)} more by {_stamp(recent[0] + within)}"
+        held = reentry_until.get(rule.id)
+        outlook = (
+            f"{more} would start it" if held is None
+            else f"{more} would reach it, but reentry holds the rule back until {_stamp(held)}"
+        )
+        found.append({
+            "rule_id": rule.id,
+            "key": key,
+            "reason": "counting",
+            "count": len(recent),
+            "needed": count,
+            "text": f"{rule.id} ({key}): {len(recent)} of the {count} {events} it needs "
+            f"within {format_duration(within)}; {outlook}",
+        })
+    for slot in state.once_started:
+        rule = rules.by_id.get(slot_rule_id(slot))
+        if rule is None or not rule.rule.once or slot in state.journeys:
+            continue
+        key = slot[len(rule.slot_prefix) :]
+        found.append({
+            "rule_id": rule.id,
+            "key": key,
+            "reason": "once",
+            "text": f"{rule.id} ({key}): runs once, and has run",
+        })
+    return found
+
+
+def explanation(state: CustomerState, rules: RuleSet, now: datetime) -> dict[str, Any]:
     """The JSON body of GET /customers/{id}/decisions."""
     return {
         "customer_id": state.customer_id,
@@ -77,4 +141,5 @@ def explanation(state: CustomerState) -> dict[str, Any]:
             {**d.model_dump(mode="json", exclude_none=True), "text": describe(d)}
             for d in reversed(state.recent_decisions)
         ],
+        "held_back": held_back(state, rules, now),
     }

@@ -25,6 +25,14 @@ CONFIRMATION = """
     trigger: {event: order.completed, key: properties.order_id}
     steps:
       - {after: 0s, channels: [email], template: order_confirmation}
+  - id: browse
+    category: marketing
+    trigger:
+      event: product.viewed
+      key: properties.product_id
+      repeat: {count: 3, within: 24h}
+    steps:
+      - {after: 1h, channels: [email], template: browse}
 """
 
 
@@ -76,11 +84,14 @@ def test_applied_rules_reach_running_workers_and_explain_answers(
         reader.wait_for(removed, timeout=30)
 
         with EventProducer(settings) as producer:
-            producer.send(event_dict(
-                "order.completed",
-                {"order_id": "O-1", "value": 5, "currency": "KRW"},
-                customer_id="c-live", occurred_at=datetime.now(UTC).isoformat(),
-            ))
+            for e in (
+                event_dict("product.viewed", {"product_id": "p-9"}),
+                event_dict("product.viewed", {"product_id": "p-9"}),
+                event_dict("order.completed", {"order_id": "O-1", "value": 5,
+                                               "currency": "KRW"}),
+            ):
+                producer.send({**e, "customer_id": "c-live",
+                               "occurred_at": datetime.now(UTC).isoformat()})
             producer.flush()
 
         def confirmed(_: object) -> bool:
@@ -96,6 +107,10 @@ def test_applied_rules_reach_running_workers_and_explain_answers(
         assert explained.returncode == 0, explained.stderr
         assert "order_confirmation step 1 (O-1): sent on email" in explained.stdout
         assert "cart_abandonment step 1 (K1): journey ended, the rule was removed" in (
+            explained.stdout
+        )
+        # Two views of three: no decision yet, but explain says where the count stands.
+        assert "browse (p-9): 2 of the 3 product.viewed events it needs within 1d" in (
             explained.stdout
         )
         missing = cli(settings, "explain", "nobody", "--worker",
