@@ -79,13 +79,13 @@ def held_back(state: CustomerState, rules: RuleSet, now: datetime) -> list[dict[
         reentry = rule.rule.reentry if rule is not None else None
         if reentry is None or now - started_at >= reentry:
             continue
-        reentry_until[rule_id] = started_at + reentry
+        until = reentry_until[rule_id] = started_at + reentry
         found.append({
             "rule_id": rule_id,
             "reason": "reentry",
-            "until": (started_at + reentry).isoformat(),
+            "until": until.isoformat(),
             "text": f"{rule_id}: started {_stamp(started_at)}, so not again before "
-            f"{_stamp(started_at + reentry)} (reentry {format_duration(reentry)})",
+            f"{_stamp(until)} (reentry {format_duration(reentry)})",
         })
     for slot, seen in state.occurrences.items():
         rule = rules.by_id.get(slot_rule_id(slot))
