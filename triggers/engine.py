@@ -30,7 +30,7 @@ from triggers.state import (
     SentRecord,
     apply_event,
     remember_event,
-    slot_rule_id,
+    split_slot,
 )
 
 DEFAULT_JOURNEY_KEY = "customer"
@@ -427,7 +427,7 @@ def _forget_stale_counts(
     """
     while occurrences:
         slot = next(iter(occurrences))
-        rule = rules.by_id.get(slot_rule_id(slot))
+        rule = rules.by_id.get(split_slot(slot)[0])
         if rule is not None and rule.repeat is not None:
             if occurrences[slot][-1] > at - rule.repeat[1]:
                 return

@@ -10,7 +10,7 @@ from pydantic import TypeAdapter
 from schemas.decisions import Decision
 from schemas.rules import format_duration
 from triggers.ruleset import RuleSet
-from triggers.state import CustomerState, Journey, slot_rule_id
+from triggers.state import CustomerState, Journey, split_slot
 
 REASONS = {
     "unreachable": "no contact point on any of the step's channels (no push token, no "
@@ -88,14 +88,14 @@ def held_back(state: CustomerState, rules: RuleSet, now: datetime) -> list[dict[
             f"{_stamp(until)} (reentry {format_duration(reentry)})",
         })
     for slot, seen in state.occurrences.items():
-        rule = rules.by_id.get(slot_rule_id(slot))
+        rule_id, key = split_slot(slot)
+        rule = rules.by_id.get(rule_id)
         if rule is None or rule.repeat is None:
             continue
         count, within = rule.repeat
         recent = [at for at in seen if at > now - within]
         if not recent:
             continue
-        key = slot[len(rule.slot_prefix) :]
         events = " or ".join(sorted(rule.trigger_events)) + " events"
         more = f"{count - len(recent)} more by {_stamp(recent[0] + within)}"
         held = reentry_until.get(rule.id)
@@ -113,10 +113,10 @@ def held_back(state: CustomerState, rules: RuleSet, now: datetime) -> list[dict[
             f"within {format_duration(within)}; {outlook}",
         })
     for slot in state.once_started:
-        rule = rules.by_id.get(slot_rule_id(slot))
+        rule_id, key = split_slot(slot)
+        rule = rules.by_id.get(rule_id)
         if rule is None or not rule.rule.once or slot in state.journeys:
             continue
-        key = slot[len(rule.slot_prefix) :]
         found.append({
             "rule_id": rule.id,
             "key": key,

@@ -156,9 +156,10 @@ def journey_slot(rule_id: str, key: str) -> str:
     return f"{rule_id}|{key}"
 
 
-def slot_rule_id(slot: str) -> str:
-    """The rule id of a `journey_slot` (rule ids have no "|")."""
-    return slot.partition("|")[0]
+def split_slot(slot: str) -> tuple[str, str]:
+    """A `journey_slot`'s rule id and key (rule ids have no "|")."""
+    rule_id, _, key = slot.partition("|")
+    return rule_id, key
 
 
 def apply_event(state: CustomerState, event: Event) -> None:
