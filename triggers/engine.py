@@ -272,7 +272,7 @@ def _cancel_journeys(
             else:
                 counted = [prefix + k for k in keys if prefix + k in state.occurrences]
             for slot in counted:
-                counting = {"rule_id": rule.id, "key": slot[len(prefix) :]}
+                counting = {"rule_id": rule.id, "key": split_slot(slot)[1]}
                 if any(c.when is None or c.when.holds(context.build(counting)) for c in cancels):
                     del state.occurrences[slot]
 
