@@ -3,23 +3,32 @@
 Conditions like `event.properties.cart_id == journey.key` or
 `customer.order_count == 0` are evaluated here as Python closures over the context
 dicts: no conversion of the context into CEL values, which is most of the cost of
-a CEL call. The subset is field selection, literals (int, double, string, bool,
-null), `== != < <= > >=`, `in`, `!`, `&&`, `||` and parentheses. `compile_subset`
-returns None for anything else (calls, macros, indexing, arithmetic, ...), and
-evaluation raises `Unsupported` for values it leaves to CEL (lists or maps compared
-with `==`), so the caller runs the full CEL program in both cases.
+a CEL call. The subset is field selection, literals (int64, finite double, string
+without escapes, bool, null), `== != < <= > >=`, `in`, `!`, `&&`, `||` and
+parentheses. `compile_subset` returns None for anything else (calls, macros,
+indexing, arithmetic, type names, ...), and evaluation raises `Unsupported` for
+values it leaves to CEL, so the caller runs the full CEL program in both cases.
 
 CEL semantics kept: a missing field or a wrong type is an error, not false; `&&`
 and `||` absorb an error when the other side decides the result; `==` between
-different types is false, except that ints and doubles compare by value; bools are
-not numbers. tests/triggers/test_cel_subset.py checks all of it against CEL.
+different types is false, except that ints and doubles compare as numbers, the int
+converted to double (as the cel library and the CEL conformance suite do) for `==`
+and the orderings alike, so `x <= d && x >= d` is `x == d`; bools are not numbers.
+
+Left to CEL (`Unsupported`): lists or maps compared with `==`, ints beyond int64
+(the cel library makes uints or doubles of them), ordering NaN (the cel library
+reports an error), and values of any type but the exact JSON ones (dict, list, str,
+int, float, bool, None), such as subclasses, which the library converts by what they
+are made of. tests/triggers/test_cel_subset.py checks all of it against the cel
+library, tests/triggers/test_cel_conformance.py against the CEL conformance cases.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 Context = dict[str, Any]
 Node = Callable[[Context], Any]
@@ -33,17 +42,25 @@ class Unsupported(Exception):
     """A value this evaluator leaves to CEL."""
 
 
+# CEL's lexer: ASCII digits only, whitespace is space, tab, newline, return and form
+# feed (as in _WHITESPACE), and a quoted string holds neither newline nor return.
+# Python's \s and \d take more, which CEL rejects.
+_WHITESPACE = " \t\n\r\f"
 _TOKEN = re.compile(
-    r"""\s*(?:
-        (?P<float>\d+\.\d+(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+)
-      | (?P<int>\d+)(?![\w.])
-      | (?P<string>"[^"\\\n]*"|'[^'\\\n]*')
+    r"""[ \t\n\r\f]*(?:
+        (?P<float>[0-9]+\.[0-9]+(?:[eE][+-]?[0-9]+)?|[0-9]+[eE][+-]?[0-9]+)
+      | (?P<int>[0-9]+)(?![\w.])
+      | (?P<string>"[^"\\\n\r]*"|'[^'\\\n\r]*')
       | (?P<op>==|!=|<=|>=|&&|\|\||[<>!().])
       | (?P<ident>[A-Za-z_][A-Za-z0-9_]*)
     )""",
     re.VERBOSE,
 )
 _RESERVED = frozenset({"in", "true", "false", "null"})
+# Bare, these denote types (`int == int` is true), not variables.
+_TYPE_NAMES = frozenset(
+    {"bool", "bytes", "double", "int", "list", "map", "null_type", "string", "type", "uint"}
+)
 _CEL_RESERVED = frozenset(
     {
         "as",
@@ -70,7 +87,7 @@ _CEL_RESERVED = frozenset(
 def _tokens(source: str) -> list[tuple[str, str]] | None:
     out: list[tuple[str, str]] = []
     pos = 0
-    source = source.rstrip()
+    source = source.rstrip(_WHITESPACE)
     while pos < len(source):
         match = _TOKEN.match(source, pos)
         if match is None or match.end() == pos:
@@ -157,9 +174,15 @@ class _Parser:
                 raise SyntaxError("missing )")
             return node
         if kind == "int":
-            return _constant(int(text))
+            value = int(text)
+            if value > _INT64_MAX:
+                raise SyntaxError("CEL rejects an int literal beyond int64")
+            return _constant(value)
         if kind == "float":
-            return _constant(float(text))
+            number = float(text)
+            if math.isinf(number):
+                raise SyntaxError("CEL rejects a double literal beyond the double range")
+            return _constant(number)
         if kind == "string":
             return _constant(text[1:-1])
         if kind == "ident":
@@ -171,6 +194,8 @@ class _Parser:
                 return _constant(None)
             if text in _RESERVED or text in _CEL_RESERVED:
                 raise SyntaxError("reserved word")
+            if text in _TYPE_NAMES:
+                raise SyntaxError("type names are left to CEL")
             following = self._peek()
             if following == ("op", "("):
                 raise SyntaxError("calls are left to CEL")
@@ -209,8 +234,8 @@ def _variable(name: str) -> Node:
 def _select(operand: Node, name: str) -> Node:
     def select(context: Context) -> Any:
         value = operand(context)
-        if not isinstance(value, dict):
-            raise CelError(f"no field {name!r} on a {type(value).__name__}")
+        if type(value) is not dict:
+            _no_overload(value)
         try:
             return value[name]
         except KeyError:
@@ -219,23 +244,59 @@ def _select(operand: Node, name: str) -> Node:
     return select
 
 
-def _is_number(value: Any) -> bool:
-    return type(value) in (int, float)
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
+_SCALARS = frozenset({bool, int, float, str, type(None)})
+# The types a JSON context is made of. The subset tests exact types, not isinstance:
+# the cel library converts a subclass (an IntEnum, a defaultdict) by what it is made
+# of, and guessing that here would be wrong as often as not.
+_CEL_TYPES = _SCALARS | {dict, list}
+
+
+def _int64(value: int) -> int:
+    if _INT64_MIN <= value <= _INT64_MAX:
+        return value
+    # CEL has no such int; the cel library makes a uint or a double of it, compared
+    # by other rules.
+    raise Unsupported("an integer beyond int64")
+
+
+def _orderable(value: float) -> float:
+    if value != value:
+        # Ordering NaN is an error in the cel library, where IEEE says false: under
+        # `!` or `||` the two differ, so the library decides.
+        raise Unsupported("ordering NaN")
+    return value
+
+
+def _no_overload(*values: Any) -> NoReturn:
+    """CEL's error for an operator applied to the wrong types, once the values are
+    known to be ones CEL would see the same way."""
+    for value in values:
+        if type(value) not in _CEL_TYPES:
+            raise Unsupported(f"a value of type {type(value).__name__}")
+    raise CelError("no such overload")
 
 
 def equal(a: Any, b: Any) -> bool:
     """CEL `==` on scalars; containers are left to CEL."""
-    if isinstance(a, dict | list) or isinstance(b, dict | list):
-        raise Unsupported("container equality")
-    if type(a) is bool or type(b) is bool:
-        return type(a) is type(b) and a == b
-    if _is_number(a):
-        return _is_number(b) and a == b
-    if type(a) is str:
-        return type(b) is str and a == b
-    if a is None:
-        return b is None
-    raise Unsupported(f"equality on {type(a).__name__}")
+    same: bool
+    kind = type(a)
+    if kind is type(b):
+        if kind is int:
+            return _int64(a) == _int64(b)
+        if kind in _SCALARS:
+            same = a == b
+            return same
+    elif kind is int and type(b) is float:
+        same = float(_int64(a)) == b
+        return same
+    elif kind is float and type(b) is int:
+        same = a == float(_int64(b))
+        return same
+    elif kind in _SCALARS and type(b) in _SCALARS:
+        return False
+    raise Unsupported(f"equality of {kind.__name__} and {type(b).__name__}")
 
 
 def _eq(left: Node, right: Node) -> Node:
@@ -246,15 +307,27 @@ def _ne(left: Node, right: Node) -> Node:
     return lambda context: not equal(left(context), right(context))
 
 
+def _comparable(a: Any, b: Any) -> tuple[Any, Any]:
+    """`a` and `b` in a form Python orders as CEL does: strings by code point, false
+    before true, numbers by value, an int against a double converted to double."""
+    kind = type(a)
+    if kind is type(b):
+        if kind is str or kind is bool:
+            return a, b
+        if kind is int:
+            return _int64(a), _int64(b)
+        if kind is float:
+            return _orderable(a), _orderable(b)
+    elif kind is int and type(b) is float:
+        return float(_int64(a)), _orderable(b)
+    elif kind is float and type(b) is int:
+        return _orderable(a), float(_int64(b))
+    _no_overload(a, b)
+
+
 def _ordering(compare: Callable[[Any, Any], bool]) -> Callable[[Node, Node], Node]:
     def build(left: Node, right: Node) -> Node:
-        def evaluate(context: Context) -> bool:
-            a, b = left(context), right(context)
-            if (_is_number(a) and _is_number(b)) or (type(a) is type(b) and type(a) in (str, bool)):
-                return compare(a, b)
-            raise CelError("no such overload")
-
-        return evaluate
+        return lambda context: compare(*_comparable(left(context), right(context)))
 
     return build
 
@@ -262,13 +335,14 @@ def _ordering(compare: Callable[[Any, Any], bool]) -> Callable[[Node, Node], Nod
 def _in(left: Node, right: Node) -> Node:
     def evaluate(context: Context) -> bool:
         item, container = left(context), right(context)
-        if isinstance(container, dict):
+        kind = type(container)
+        if kind is dict:
             if type(item) is not str:
                 raise Unsupported("non-string map key")
             return item in container
-        if isinstance(container, list):
+        if kind is list:
             return any(equal(item, element) for element in container)
-        raise CelError("no such overload")
+        _no_overload(item, container)
 
     return evaluate
 
@@ -277,7 +351,7 @@ def _not(operand: Node) -> Node:
     def evaluate(context: Context) -> bool:
         value = operand(context)
         if type(value) is not bool:
-            raise CelError("no such overload")
+            _no_overload(value)
         return not value
 
     return evaluate
@@ -299,10 +373,12 @@ def _logical(decisive: bool) -> Callable[[Node, Node], Node]:
             if b is decisive:
                 return decisive
             if type(b) is not bool:
-                raise CelError("no such overload")
+                _no_overload(b)
             if a is (not decisive):
                 return not decisive
-            raise a if isinstance(a, CelError) else CelError("no such overload")
+            if isinstance(a, CelError):
+                raise a
+            _no_overload(a)
 
         return evaluate
 

@@ -43,7 +43,8 @@ class Condition:
         self.journey_key_path = journey_key_match(source)
 
     def holds(self, context: Callable[[frozenset[str]], dict[str, Any]]) -> bool:
-        """Evaluate on a lazily built context; a missing field or a type error is false.
+        """Evaluate on a lazily built context; a condition whose evaluation fails in any
+        way (a missing field, a type error, division by zero, int64 overflow) is false.
 
         Treating evaluation errors as false keeps one odd event from stopping a rule
         for everyone, and matches how marketers read `when`: "only if this is true".
@@ -58,5 +59,9 @@ class Condition:
                 pass
         try:
             return self._program.execute(variables) is True
-        except (KeyError, RuntimeError, ValueError, TypeError):
+        except Exception:
+            # The cel library reports CEL's evaluation errors as whatever Python
+            # exception fits (KeyError, TypeError, ValueError, RuntimeError,
+            # ZeroDivisionError, OverflowError, ...), a list no contract fixes. Building
+            # the context stays outside this `try`: its failures are the engine's own.
             return False
