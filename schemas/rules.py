@@ -173,8 +173,16 @@ class Rule(_Strict):
     @property
     def version(self) -> str:
         """A content hash: any change to the rule gives a new version."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
-        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+        return self.version_of(self.canonical_json())
+
+    def canonical_json(self) -> str:
+        """The rule as JSON with sorted keys: what its version hashes, and what a
+        customer's state keeps of the versions its journeys run on."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True)
+
+    @staticmethod
+    def version_of(canonical_json: str) -> str:
+        return hashlib.sha256(canonical_json.encode()).hexdigest()[:12]
 
 
 _CLOCK = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")

@@ -12,6 +12,7 @@ consent, frequency caps. Only then does it fire.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -34,6 +35,10 @@ from triggers.state import (
 )
 
 DEFAULT_JOURNEY_KEY = "customer"
+# A step whose evaluation raised is tried again after 1 minute, then 2, 4, ... up to
+# an hour: a deterministic error would otherwise repeat on every timer tick.
+STEP_RETRY_FIRST = timedelta(minutes=1)
+STEP_RETRY_MAX = timedelta(hours=1)
 _ACTION_CHANNELS: tuple[ActionChannel, ...] = ("push", "email", "sms", "kakao")
 
 
@@ -63,6 +68,11 @@ class Output:
     earlier_due: bool = False
     # False when the event was already applied (redelivered after a crash).
     applied: bool = True
+    # For each of `actions`, the step's effective due time: its due time, or the
+    # later time a deferral (quiet hours, a cap) moved it to.
+    effective_due: list[datetime] = field(default_factory=list)
+    # (rule id, error) for each step evaluation that raised; the step retries later.
+    step_errors: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -96,15 +106,26 @@ def decide(
 
 
 def evolve(
-    state: CustomerState, item: Input, now: datetime, rules: RuleSet, policy: EnginePolicy
+    state: CustomerState,
+    item: Input,
+    now: datetime,
+    rules: RuleSet,
+    policy: EnginePolicy,
+    horizon: datetime | None = None,
 ) -> Output:
     """Like `decide`, but changes `state` in place: for callers that own a private copy
-    (the stream shell and replay deserialize one per customer per batch)."""
+    (the stream shell and replay deserialize one per customer per batch).
+
+    Steps due up to `horizon` (default `now`) are evaluated, at `now`. A worker that
+    is behind passes an earlier horizon: a step may be evaluated only once every
+    input that occurred before its due time has been applied (see `streams.progress`).
+    """
     out = Output()
     if rules.removed and state.journeys:
         _end_removed_rules(state, rules, now, out)
+    due_by = now if horizon is None or horizon > now else horizon
     if isinstance(item, TimerFired):
-        _run_due_steps(state, now, rules, policy, out)
+        _run_due_steps(state, now, due_by, rules, policy, out)
     elif not remember_event(state, item.event_id):
         out.applied = False
         return out
@@ -115,9 +136,11 @@ def evolve(
             _cancel_journeys(state, item, context, rules, out, now)
         if item.type in rules.started_by:
             _start_journeys(state, item, context, rules, out, now)
-        _run_due_steps(state, now, rules, policy, out)
+        _run_due_steps(state, now, due_by, rules, policy, out)
     if state.sent_log:
         prune(state, rules, now)
+    if state.rule_versions:
+        _forget_unused_versions(state)
     if out.decisions:
         state.recent_decisions.extend(out.decisions)
         del state.recent_decisions[:-RECENT_DECISIONS]
@@ -297,6 +320,20 @@ def _cancellable_keys(cancels: list[CompiledCancel], event: Event) -> set[str] |
     return keys
 
 
+def _forget_unused_versions(state: CustomerState) -> None:
+    """Keep the definitions of the versions that journeys run on, and no others."""
+    stored = state.rule_versions
+    in_use = {journey.rule_version for journey in state.journeys.values()}
+    if not stored.keys() <= in_use:
+        for version in [v for v in stored if v not in in_use]:
+            del stored[version]
+
+
+def rule_of(rules: RuleSet, state: CustomerState, journey: Journey) -> CompiledRule | None:
+    """The rule version `journey` runs on (see `RuleSet.for_journey`)."""
+    return rules.for_journey(journey.rule_id, journey.rule_version, state.rule_versions)
+
+
 def _start_journeys(
     state: CustomerState,
     event: Event,
@@ -317,11 +354,15 @@ def _start_journeys(
         slot = rule.slot_prefix + key
         journey = journeys.get(slot)
         if journey is not None:
-            if event_type in rule.restart_events and _restart(journey, rule, rules, anchor, event):
+            if event_type in rule.restart_events and _restart(
+                journey, rule, rules, anchor, event, state.rule_versions
+            ):
                 out.earlier_due = True
             continue
         if event_type not in rule.trigger_events:
             continue
+        if rule.repeat is not None and _stale(rule, event, now):
+            continue  # a stale event does not count toward the repeat either
         if rule.repeat is not None and not _repeated_enough(
             state.occurrences, rules, slot, *rule.repeat, anchor
         ):
@@ -351,6 +392,7 @@ def _start_journeys(
             continue
         state.occurrences.pop(slot, None)
         state.last_started[rule.id] = anchor
+        state.rule_versions.setdefault(rule.version, rule.definition)
         out.started.append(rule.id)
         if definition.once:
             state.once_started.append(slot)
@@ -370,7 +412,12 @@ def _start_journeys(
 
 
 def _restart(
-    journey: Journey, current: CompiledRule, rules: RuleSet, anchor: datetime, event: Event
+    journey: Journey,
+    current: CompiledRule,
+    rules: RuleSet,
+    anchor: datetime,
+    event: Event,
+    stored: dict[str, str],
 ) -> bool:
     """Restart the clock; steps already evaluated are not repeated, and a late event
     never moves the clock backwards. True when the step is now due earlier than it
@@ -380,7 +427,7 @@ def _restart(
     if journey.rule_version == current.version:
         rule = current
     else:
-        started_with = rules.for_journey(journey.rule_id, journey.rule_version)
+        started_with = rules.for_journey(journey.rule_id, journey.rule_version, stored)
         if started_with is None:
             return False
         rule = started_with
@@ -434,11 +481,16 @@ def _forget_stale_counts(
         del occurrences[slot]
 
 
+def _stale(rule: CompiledRule, event: Event, now: datetime) -> bool:
+    max_age = rule.rule.max_event_age
+    return max_age is not None and now - event.occurred_at > max_age
+
+
 def _start_blocked(
     state: CustomerState, rule: CompiledRule, event: Event, now: datetime
 ) -> str | None:
     definition = rule.rule
-    if definition.max_event_age is not None and now - event.occurred_at > definition.max_event_age:
+    if _stale(rule, event, now):
         return "stale_event"
     if definition.reentry is not None:
         last = state.last_started.get(rule.id)
@@ -448,31 +500,68 @@ def _start_blocked(
 
 
 def _run_due_steps(
-    state: CustomerState, now: datetime, rules: RuleSet, policy: EnginePolicy, out: Output
+    state: CustomerState,
+    now: datetime,
+    due_by: datetime,
+    rules: RuleSet,
+    policy: EnginePolicy,
+    out: Output,
 ) -> None:
     # One at a time, highest priority first: each firing counts against the caps
     # the next one is checked with. A deferred step moves its due time past now.
     journeys = state.journeys
     for journey in journeys.values():
-        if journey.due_at <= now:
+        if journey.due_at <= due_by:
             break
     else:
         return  # the common case: nothing due
     while True:
         due = [
-            (-_priority(rules, j), j.due_at, slot)
+            (-_priority(rules, state, j), j.due_at, slot)
             for slot, j in journeys.items()
-            if j.due_at <= now
+            if j.due_at <= due_by
         ]
         if not due:
             return
         _, _, slot = min(due) if len(due) > 1 else due[0]
-        _evaluate_step(state, slot, now, rules, policy, out)
+        _evaluate_step_safely(state, slot, now, rules, policy, out)
 
 
-def _priority(rules: RuleSet, journey: Journey) -> int:
-    rule = rules.for_journey(journey.rule_id, journey.rule_version)
+def _priority(rules: RuleSet, state: CustomerState, journey: Journey) -> int:
+    rule = rule_of(rules, state, journey)
     return rule.rule.priority if rule is not None else 0
+
+
+def _evaluate_step_safely(
+    state: CustomerState,
+    slot: str,
+    now: datetime,
+    rules: RuleSet,
+    policy: EnginePolicy,
+    out: Output,
+) -> None:
+    """`_evaluate_step`, undone if it raises: the step then retries after a backoff.
+
+    A failing step must neither fail the input that woke it (the customer's later
+    inputs would all be dead-lettered) nor stay due in the past (every timer tick
+    would run it again).
+    """
+    journey = state.journeys[slot]
+    before = copy.copy(journey)
+    sent, actions, decisions = len(state.sent_log), len(out.actions), len(out.decisions)
+    try:
+        _evaluate_step(state, slot, now, rules, policy, out)
+    except Exception as exc:  # noqa: BLE001 - isolating one step is the point
+        del state.sent_log[sent:], out.actions[actions:], out.effective_due[actions:]
+        del out.decisions[decisions:]
+        before.failures += 1
+        before.due_at = now + min(STEP_RETRY_FIRST * 2 ** (before.failures - 1), STEP_RETRY_MAX)
+        state.journeys[slot] = before
+        out.step_errors.append((before.rule_id, f"{type(exc).__name__}: {exc}"))
+        out.decisions.append(
+            _decision(state, before, now, outcome="deferred", reason="step_error",
+                      until=before.due_at)
+        )
 
 
 def _evaluate_step(
@@ -484,13 +573,13 @@ def _evaluate_step(
     out: Output,
 ) -> None:
     journey = state.journeys[slot]
-    compiled = rules.for_journey(journey.rule_id, journey.rule_version)
+    compiled = rule_of(rules, state, journey)
     if compiled is None:
-        # The rule is gone: nothing can be evaluated for this journey any more.
+        # Nothing can be evaluated for this journey any more: its rule is gone, or
+        # (from a state written before versions were stored) its version is.
         del state.journeys[slot]
-        out.decisions.append(
-            _decision(state, journey, now, outcome="cancelled", reason="rule_removed")
-        )
+        missing = "rule_removed" if journey.rule_id not in rules.by_id else "rule_version_missing"
+        out.decisions.append(_decision(state, journey, now, outcome="cancelled", reason=missing))
         return
     rule = compiled.rule
     step = rule.steps[journey.next_step - 1]
@@ -614,6 +703,7 @@ def _fire(
             trigger_occurred_at=journey.trigger_occurred_at,
         )
     )
+    out.effective_due.append(journey.due_at)
     out.decisions.append(
         _decision(state, journey, now, outcome="fired", channel=channel, action_id=action_id)
     )
@@ -627,6 +717,7 @@ def _advance(state: CustomerState, slot: str, journey: Journey, compiled: Compil
         del state.journeys[slot]
         return
     journey.next_step += 1
+    journey.failures = 0
     journey.step_due_at = journey.started_at + delays[journey.next_step - 1]
     journey.due_at = journey.step_due_at
 

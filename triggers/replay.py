@@ -5,7 +5,8 @@ arrives at the latest `occurred_at` seen so far: the clock never runs backwards,
 as in production where a late event is processed "now". Before an event is
 applied, every timer due up to its arrival fires, in time order (ties broken by
 customer key), each with `now` = its due time; after the last event, timers fire
-up to `until`. Every customer's state lives in a dict and is changed in place by
+up to `until`. With a lateness L, a timer due at d fires only once the clock
+has passed d + L, as on a live worker that is behind. Every customer's state lives in a dict and is changed in place by
 `evolve`, the same function the stream worker uses, so a backtest shows what
 production would have done with these rules on this traffic.
 
@@ -103,9 +104,14 @@ class Replayer:
     `run` drives a whole log; `feed` and `finish` drive it one input at a time.
     """
 
-    def __init__(self, rules: RuleSet, policy: EnginePolicy) -> None:
+    def __init__(
+        self, rules: RuleSet, policy: EnginePolicy, lateness: timedelta = timedelta(0)
+    ) -> None:
         self.rules = rules
         self.policy = policy
+        # As live (`streams.progress`): a step due at d fires once the clock has passed
+        # d + lateness, so events up to `lateness` out of order still come before it.
+        self.lateness = lateness
         self.states: dict[str, CustomerState] = {}
         self.schedule = TimerSchedule()
         self.stats = ReplayStats()
@@ -155,9 +161,9 @@ class Replayer:
     def _fire_until(self, now: datetime, outputs: list[ReplayOutput]) -> None:
         # One at a time: a firing can schedule the same customer's next step before
         # other customers' due timers, and time order must hold across customers.
-        pop_due = self.schedule.pop_due
+        pop_due = self.schedule.pop_partition
         while True:
-            due = pop_due(now, 1)
+            due = pop_due(_PARTITION, now, 1)
             if not due:
                 break
             raw_key, due_at, _ = due[0]
@@ -195,8 +201,9 @@ class Replayer:
         elif occurred < now:
             stats.late += 1
         stats.last_arrival = now
-        if self._low <= now:
-            self._fire_until(now, outputs)
+        horizon = now - self.lateness if self.lateness else now
+        if self._low <= horizon:
+            self._fire_until(horizon, outputs)
 
         stats.events += 1
         stats.events_by_type[event.type] += 1
@@ -205,7 +212,7 @@ class Replayer:
         if state is None:
             state = self.states[key] = new_state(key)
             stats.customers += 1
-        out = evolve(state, event, now, self.rules, self.policy)
+        out = evolve(state, event, now, self.rules, self.policy, horizon)
         if not out.applied:
             stats.duplicates += 1
         elif out.started:

@@ -9,6 +9,8 @@ from datetime import timedelta
 from operator import attrgetter
 from typing import Any
 
+from pydantic import ValidationError
+
 from schemas.rules import CancelOn, Policy, Rule, RulesError, RulesFile
 from triggers.conditions import Condition, ConditionError
 from triggers.guards import longest_window
@@ -45,6 +47,10 @@ class CompiledRule:
     # `trigger.repeat` as (count, within); None when one event starts the journey.
     repeat: tuple[int, timedelta] | None
     step_delays: tuple[timedelta, ...]
+    # The rule as canonical JSON (what `version` hashes): stored in the state of every
+    # customer with a journey of this version, so the journey keeps its steps even
+    # where no worker has this version loaded any more.
+    definition: str
 
 
 @dataclass(frozen=True)
@@ -64,12 +70,27 @@ class RuleSet:
     # journeys end (`rule_removed`) on the customer's next input, not at their due time.
     removed: frozenset[str] = frozenset()
 
-    def for_journey(self, rule_id: str, version: str) -> CompiledRule | None:
-        """The rule version a journey started with; None once the rule is removed."""
-        current = self.by_id.get(rule_id)
-        if current is None:
+    # Versions compiled from customer state (see `stored_version`), by version.
+    from_state: dict[str, CompiledRule] = field(default_factory=dict)
+
+    def for_journey(
+        self, rule_id: str, version: str, stored: dict[str, str] | None = None
+    ) -> CompiledRule | None:
+        """The rule version a journey started with: loaded, or compiled from the
+        definition `stored` with the customer's state. None once the rule is removed,
+        or when the version is nowhere to be found (`rule_version_missing`)."""
+        if rule_id not in self.by_id:
             return None
-        return self.by_version.get(version, current)
+        found = self.by_version.get(version)
+        if found is not None:
+            return found
+        found = self.from_state.get(version)
+        if found is None and stored is not None and version in stored:
+            found = stored_version(stored[version], version)
+            if found is not None:
+                # Bounded by the versions customers' journeys still use.
+                self.from_state[version] = found
+        return found if found is not None and found.id == rule_id else None
 
 
 def _compile(source: str | None, rule_id: str, where: str) -> Condition | None:
@@ -92,10 +113,22 @@ def _compile_cancel(cancel: CancelOn, rule_id: str, index: int) -> CompiledCance
     )
 
 
+def stored_version(definition: str, version: str) -> CompiledRule | None:
+    """A rule version from its stored definition; None if it does not parse, compile
+    or hash to `version` (a definition must never run under another version's name)."""
+    try:
+        rule = Rule.model_validate_json(definition)
+        compiled = compile_rule(rule)
+    except (ValidationError, RulesError):
+        return None
+    return compiled if compiled.version == version else None
+
+
 def compile_rule(rule: Rule) -> CompiledRule:
+    definition = rule.canonical_json()
     return CompiledRule(
         rule=rule,
-        version=rule.version,
+        version=rule.version_of(definition),
         when=_compile(rule.trigger.when, rule.id, "trigger.when"),
         cancels=tuple(_compile_cancel(c, rule.id, i) for i, c in enumerate(rule.cancel_on)),
         step_conditions=tuple(
@@ -111,6 +144,7 @@ def compile_rule(rule: Rule) -> CompiledRule:
         if rule.trigger.repeat is None
         else (rule.trigger.repeat.count, rule.trigger.repeat.within),
         step_delays=tuple(step.after for step in rule.steps),
+        definition=definition,
     )
 
 

@@ -1,4 +1,4 @@
-"""Which customers need the timer when: a min-heap with lazy deletion.
+"""Which customers need the timer when: min-heaps with lazy deletion.
 
 Holding one entry per customer with a pending step, a tick costs O(k log n) for k
 due customers instead of scanning every customer. Entries are replaced, not
@@ -12,8 +12,11 @@ from datetime import datetime
 
 
 class TimerSchedule:
+    """One heap per partition: a partition's timers wait for that partition's horizon
+    (see `streams.progress`), so a partition that is behind holds back only its own."""
+
     def __init__(self) -> None:
-        self._heap: list[tuple[datetime, bytes]] = []
+        self._heaps: dict[int, list[tuple[datetime, bytes]]] = {}
         self._due: dict[bytes, datetime] = {}
         self._partition: dict[bytes, int] = {}
 
@@ -23,31 +26,50 @@ class TimerSchedule:
     def due_at(self, key: bytes) -> datetime | None:
         return self._due.get(key)
 
+    def partitions(self) -> list[int]:
+        return [p for p, heap in self._heaps.items() if heap]
+
     def set_due(self, key: bytes, due_at: datetime | None, partition: int) -> None:
         """Schedule `key` at `due_at`, or unschedule it with None."""
         if due_at is None:
             self._due.pop(key, None)
             self._partition.pop(key, None)
             return
-        if self._due.get(key) == due_at:
+        if self._due.get(key) == due_at and self._partition.get(key) == partition:
             return
         self._due[key] = due_at
         self._partition[key] = partition
-        heapq.heappush(self._heap, (due_at, key))
+        heap = self._heaps.setdefault(partition, [])
+        heapq.heappush(heap, (due_at, key))
         # Replaced entries stay in the heap until popped; compact when they dominate.
-        if len(self._heap) > 2 * len(self._due) + 1024:
-            self._heap = [(due, k) for k, due in self._due.items()]
-            heapq.heapify(self._heap)
+        if len(heap) > 2 * len(self._due) + 1024:
+            self._compact()
 
     def pop_due(self, now: datetime, limit: int = 10_000) -> list[tuple[bytes, datetime, int]]:
-        """Remove and return up to `limit` (key, due_at, partition) with due_at <= now."""
+        """Remove and return up to `limit` (key, due_at, partition) with due_at <= now,
+        across partitions, in due order."""
         out: list[tuple[bytes, datetime, int]] = []
-        while self._heap and self._heap[0][0] <= now and len(out) < limit:
-            due_at, key = heapq.heappop(self._heap)
-            if self._due.get(key) != due_at:
+        while len(out) < limit:
+            ready = [(h[0][0], p) for p, h in self._heaps.items() if h and h[0][0] <= now]
+            if not ready:
+                break
+            due_at, partition = min(ready)
+            out += self.pop_partition(partition, due_at, 1)
+        return out
+
+    def pop_partition(
+        self, partition: int, horizon: datetime, limit: int = 10_000
+    ) -> list[tuple[bytes, datetime, int]]:
+        """Remove and return up to `limit` of the partition's entries due by `horizon`."""
+        heap = self._heaps.get(partition)
+        out: list[tuple[bytes, datetime, int]] = []
+        while heap and heap[0][0] <= horizon and len(out) < limit:
+            due_at, key = heapq.heappop(heap)
+            if self._due.get(key) != due_at or self._partition.get(key) != partition:
                 continue
             del self._due[key]
-            out.append((key, due_at, self._partition.pop(key)))
+            del self._partition[key]
+            out.append((key, due_at, partition))
         return out
 
     def drop_partitions(self, partitions: set[int]) -> None:
@@ -55,8 +77,18 @@ class TimerSchedule:
         for key in [k for k, p in self._partition.items() if p in partitions]:
             del self._due[key]
             del self._partition[key]
+        for partition in partitions:
+            self._heaps.pop(partition, None)
 
     def clear(self) -> None:
-        self._heap.clear()
+        self._heaps.clear()
         self._due.clear()
         self._partition.clear()
+
+    def _compact(self) -> None:
+        heaps: dict[int, list[tuple[datetime, bytes]]] = {}
+        for key, due in self._due.items():
+            heaps.setdefault(self._partition[key], []).append((due, key))
+        for heap in heaps.values():
+            heapq.heapify(heap)
+        self._heaps = heaps

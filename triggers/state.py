@@ -114,6 +114,9 @@ class Journey:
     variant: str | None = None
     trigger_event_id: str
     trigger_occurred_at: datetime
+    # Evaluations of the pending step that raised (a bug or data no rule expected):
+    # each one retries later, never in a loop, until the step expires.
+    failures: int = 0
 
 
 class CustomerState(BaseModel):
@@ -134,6 +137,10 @@ class CustomerState(BaseModel):
     order_count: int = 0
     revenue: float = 0.0
     journeys: dict[str, Journey] = Field(default_factory=dict)
+    # rule version -> its definition (canonical JSON), for every version a journey
+    # runs on: the journey keeps the steps it started with, whatever rules the worker
+    # that evaluates it has loaded (after a restart, a rebalance or a deployment).
+    rule_versions: dict[str, str] = Field(default_factory=dict)
     # rule id -> when its last journey started (reentry); slots of `once` rules started.
     last_started: dict[str, datetime] = Field(default_factory=dict)
     once_started: list[str] = Field(default_factory=list)

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from tests.factories import CART_RULE, NO_GUARDS, cart_add, consent, identify, minutes, ruleset
+from tests.factories import (
+    CART_RULE,
+    NO_GUARDS,
+    cart_add,
+    consent,
+    event,
+    identify,
+    minutes,
+    ruleset,
+)
 from tests.triggers.timeline import Timeline
 from triggers.guards import in_holdout, pick_variant, quiet_until, stable_fraction
 
@@ -197,3 +206,27 @@ def test_stale_trigger_events_are_ignored_with_a_decision() -> None:
     out = evolve(t.state, late, SEOUL_MORNING, t.rules, t.policy)
     assert [(d.outcome, d.reason) for d in out.decisions] == [("suppressed", "stale_event")]
     assert t.state.journeys == {} and "cart-1" in t.state.carts, "state still updated"
+
+
+def test_stale_events_do_not_count_toward_a_repeat_trigger() -> None:
+    browse = {
+        "id": "browse",
+        "category": "marketing",
+        "trigger": {"event": "product.viewed", "key": "properties.product_id",
+                    "repeat": {"count": 3, "within": "1d"}},
+        "max_event_age": "1h",
+        "steps": [{"after": "0s", "channels": ["email"], "template": "browse"}],
+    }
+    t = Timeline(ruleset(browse))
+    email_customer(t, SEOUL_MORNING)
+    from triggers.engine import evolve
+
+    # Two views that arrive 4-5 hours late (offline data), then one fresh view.
+    for age in (5, 4):
+        late = event("product.viewed", {"product_id": "p"},
+                     at=SEOUL_MORNING - timedelta(hours=age))
+        evolve(t.state, late, SEOUL_MORNING, t.rules, t.policy)
+    out = evolve(t.state, event("product.viewed", {"product_id": "p"}, at=SEOUL_MORNING),
+                 SEOUL_MORNING, t.rules, t.policy)
+    assert t.state.journeys == {} and out.actions == []
+    assert t.state.occurrences["browse|p"] == [SEOUL_MORNING], "only the fresh view counts"

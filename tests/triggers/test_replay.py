@@ -256,3 +256,15 @@ def test_journeys_that_start_and_end_in_one_step_are_counted() -> None:
 def test_until_must_be_aware() -> None:
     with pytest.raises(ValueError, match="aware"):
         Replayer(RULES, POLICY).finish(datetime(2026, 1, 1))  # noqa: DTZ001 - on purpose
+
+
+@pytest.mark.parametrize(("lateness", "reminded"), [(timedelta(0), True),
+                                                    (timedelta(seconds=1), False)])
+def test_lateness_lets_an_event_just_after_a_due_time_come_before_the_step(
+    lateness: timedelta, reminded: bool
+) -> None:
+    # The order occurred half a second after the reminder was due.
+    log = [*reachable("c1"), cart_add(), order(at=T0 + minutes(30) + timedelta(seconds=0.5))]
+    replayer = Replayer(RULES, POLICY, lateness)
+    actions = [a for out in replayer.run(log, until=T0 + minutes(90)) for a in out.actions]
+    assert bool(actions) is reminded
