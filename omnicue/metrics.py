@@ -41,9 +41,29 @@ class WorkerMetrics:
         )
         self.event_to_action_latency = Histogram(
             "omnicue_event_to_action_latency_seconds",
-            "Seconds from an action's due time (its trigger event for immediate steps) "
-            "to its emission",
+            "Processing latency: seconds from the later of the input's arrival and the "
+            "step's effective due time (after deferrals) to the action's emission",
             buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.action_deferral = Histogram(
+            "omnicue_action_deferral_seconds",
+            "Seconds an action's step was deferred (quiet hours, frequency caps) past "
+            "its own due time",
+            buckets=(0, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 86400, 3 * 86400),
+            registry=r,
+        )
+        self.step_errors = Counter(
+            "omnicue_step_errors",
+            "Journey step evaluations that raised (each retries later, with backoff), "
+            "by rule",
+            ["rule"],
+            registry=r,
+        )
+        self.rules_invalid = Counter(
+            "omnicue_rules_invalid",
+            "Applied rules records that did not parse or validate (the worker kept its "
+            "previous rules)",
             registry=r,
         )
         self.timer_lateness = Histogram(

@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, Literal, TextIO
 
@@ -486,7 +486,8 @@ def run_replay(
             items: Iterator[Event | InvalidLine] = iter(rees46)
         else:
             items = read_jsonl(raw, on_invalid=console.invalid, on_line=console.tick)
-        replayer = Replayer(rules, policy)
+        # The live workers' lateness, so that a backtest agrees with them when behind.
+        replayer = Replayer(rules, policy, timedelta(seconds=settings.allowed_lateness))
         write_action = actions_file.write
         for output in replayer.run(items, until):
             for action in output.actions:

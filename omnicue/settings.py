@@ -37,6 +37,13 @@ class Settings(BaseSettings):
     batch_size: int = Field(500, ge=1, description="Max events per processing batch")
     batch_within: float = Field(0.05, gt=0, description="Seconds to wait to fill a batch")
     timer_interval: float = Field(0.25, gt=0, description="Seconds between timer checks")
+    allowed_lateness: float = Field(
+        0.0,
+        ge=0,
+        description="Seconds producers may be out of order: a worker that is behind "
+        "evaluates a step due at d once it has applied an input that occurred after "
+        "d + this (see streams/progress.py)",
+    )
     sender_claim_ttl: int = Field(7 * 86_400, description="Seconds a sent action id is remembered")
     sender_metrics_port: int = Field(6067, description="Port of a sender's /metrics (0: off)")
     log_level: str = "info"

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import faust
 from faust.types import TableT
 
 from omnicue.metrics import WorkerMetrics
 from omnicue.settings import Settings
+from schemas import topics as names
 from streams.consumer import PromptFetchConsumer
 from streams.outbox import RecordSender
+from streams.progress import Progress, consumer_progress
 from streams.topics import Topics, declare_topics
 from triggers.engine import EnginePolicy
 from triggers.ruleset import RuleSet
@@ -35,6 +37,7 @@ class Pipeline:
     policy: EnginePolicy
     metrics: WorkerMetrics
     sender: RecordSender
+    progress: Progress
     schedule: TimerSchedule = field(default_factory=TimerSchedule)
     clock: Callable[[], datetime] = utc_now
 
@@ -102,6 +105,9 @@ def create_app(
         ),
         metrics=metrics or WorkerMetrics(),
         sender=RecordSender(settings),
+        progress=consumer_progress(
+            app, names.EVENTS, names.CUSTOMER_INPUTS, timedelta(seconds=settings.allowed_lateness)
+        ),
         clock=clock,
     )
     # A child of the app added before it starts: started before the agents run and

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, cast
 
 from faust import Stream
@@ -20,7 +21,7 @@ from schemas.events import describe_validation_error
 from streams.ingest import dead_letter
 from streams.inputs import decode_input
 from streams.outbox import Outbox
-from triggers.engine import Output, TimerFired, evolve, new_state
+from triggers.engine import Input, Output, TimerFired, evolve, new_state
 from triggers.state import CustomerState
 
 if TYPE_CHECKING:
@@ -48,48 +49,123 @@ def _use_event_context(event: EventT[bytes]) -> None:
 
 
 async def process_batch(p: Pipeline, batch: Sequence[EventT[bytes]]) -> None:
-    groups: dict[bytes, list[EventT[bytes]]] = {}
+    groups: dict[bytes, list[tuple[EventT[bytes], Input | Exception, datetime | None]]] = {}
+    progress = p.progress
+    # In offset order, so each input knows its partition's event time as of itself.
     for event in batch:
+        message = event.message
+        try:
+            item: Input | Exception = decode_input(message.value or b"")
+        except Exception as exc:  # noqa: BLE001 - dead-lettered below, in order
+            item = exc
+        if not isinstance(item, TimerFired | Exception):
+            progress.observe(message.partition, item.occurred_at)
+        progress.processed(message.tp, message.offset)
         # Every input is produced with its customer key (ingest and timers).
-        groups.setdefault(event.message.key or b"", []).append(event)
+        groups.setdefault(message.key or b"", []).append(
+            (event, item, progress.watermark(message.partition))
+        )
     p.metrics.batch_events.observe(len(batch))
     now = p.clock()
     outbox = Outbox(p.sender)
     for key, inputs in groups.items():
-        _use_event_context(inputs[-1])
+        last = inputs[-1][0].message
+        _use_event_context(inputs[-1][0])
         raw = p.customers.get(key)
         if raw is None:
-            state = new_state(key.decode())
             p.metrics.customers_in_state.inc()
-        else:
-            state = CustomerState.model_validate_json(raw)
-        outputs: list[Output] = []
-        for event in inputs:
+        run = _CustomerRun(p, key, raw, now)
+        for event, item, watermark in inputs:
+            if isinstance(item, Exception):
+                _fail(p, event, outbox, item, key)
+                continue
+            # Due steps that this input's partition has passed in event time come first,
+            # as in replay; until the worker has caught up, no later ones.
+            horizon = _NOTHING_DUE if watermark is None else watermark - p.progress.lateness
             try:
-                item = decode_input(event.message.value or b"")
                 if isinstance(item, TimerFired):
                     p.metrics.timer_lateness.observe(max(0.0, (now - item.due_at).total_seconds()))
-                outputs.append(evolve(state, item, now, p.rules, p.policy))
+                else:
+                    run.due_steps(horizon, event.message.timestamp)
+                run.apply(item, horizon, event.message.timestamp)
             except Exception as exc:  # noqa: BLE001 - one bad input must not stop everyone
-                log.exception("cannot process input for customer %r", key)
-                dead_letter(
-                    p, event, outbox, "decide", type(exc).__name__, describe_validation_error(exc)
-                )
-        p.customers[key] = state.model_dump_json(exclude_defaults=True).encode()
-        p.schedule.set_due(key, state.next_due(), inputs[-1].message.partition)
-        for out in outputs:
-            emit(p, key, out, outbox)
+                _fail(p, event, outbox, exc, key)
+                run.undo_last()
+        # Then what the partition's progress after this batch allows.
+        batch_horizon = p.progress.horizon(last.partition, now)
+        if batch_horizon is not None:
+            run.due_steps(batch_horizon, last.timestamp)
+        p.customers[key] = run.state.model_dump_json(exclude_defaults=True).encode()
+        p.schedule.set_due(key, run.state.next_due(), last.partition)
+        for out, arrived in run.outputs:
+            emit(p, key, out, outbox, arrived)
     await outbox.flush()
     p.metrics.timers_pending.set(len(p.schedule))
 
 
-def emit(p: Pipeline, key: bytes, out: Output, outbox: Outbox) -> None:
-    for action in out.actions:
+class _CustomerRun:
+    """One customer's inputs of a batch, applied to a private copy of its state."""
+
+    def __init__(self, p: Pipeline, key: bytes, raw: bytes | None, now: datetime) -> None:
+        self._p, self._key, self._raw, self._now = p, key, raw, now
+        self.state = self._load()
+        # What each applied input decided, and when that input arrived (seconds).
+        self.outputs: list[tuple[Output, float]] = []
+        # What has been applied, to rebuild the state if an input fails.
+        self._applied: list[tuple[Input, datetime]] = []
+
+    def apply(self, item: Input, horizon: datetime, arrived: float) -> None:
+        p = self._p
+        out = evolve(self.state, item, self._now, p.rules, p.policy, horizon)
+        self.outputs.append((out, arrived))
+        self._applied.append((item, horizon))
+
+    def due_steps(self, horizon: datetime, arrived: float) -> None:
+        due = self.state.next_due()
+        if due is not None and due <= horizon:
+            self.apply(TimerFired(due_at=horizon), horizon, arrived)
+
+    def undo_last(self) -> None:
+        """After an input raised: the state as it was before that input, rebuilt from
+        the stored state and the inputs applied before it (`evolve` is deterministic),
+        so that the dead letter, once fixed, can be replayed and is not a duplicate."""
+        p = self._p
+        self.state = self._load()
+        for item, horizon in self._applied:
+            evolve(self.state, item, self._now, p.rules, p.policy, horizon)
+
+    def _load(self) -> CustomerState:
+        if self._raw is None:
+            return new_state(self._key.decode())
+        return CustomerState.model_validate_json(self._raw)
+
+
+# A horizon before every due time: the input is applied, no step is evaluated.
+_NOTHING_DUE = datetime.min.replace(tzinfo=UTC)
+
+
+def _fail(
+    p: Pipeline, event: EventT[bytes], outbox: Outbox, exc: Exception, key: bytes
+) -> None:
+    log.error("cannot process input for customer %r", key, exc_info=exc)
+    dead_letter(p, event, outbox, "decide", type(exc).__name__, describe_validation_error(exc))
+
+
+def emit(p: Pipeline, key: bytes, out: Output, outbox: Outbox, arrived: float) -> None:
+    """Send what one input decided. `arrived`: the input record's timestamp (seconds)."""
+    for action, effective_due in zip(out.actions, out.effective_due, strict=True):
         topic = p.topics.actions[action.channel]
         outbox.add(topic, key, action.model_dump_json().encode())
         p.metrics.actions.labels(rule=action.rule_id, channel=action.channel).inc()
-        latency = (action.created_at - action.due_at).total_seconds()
-        p.metrics.event_to_action_latency.observe(max(0.0, latency))
+        # Processing latency: from when the action could first have been sent (its
+        # step due, after any deferral, and its input there), not from `due_at`, which
+        # a deferral by quiet hours or a cap does not move.
+        ready = max(effective_due.timestamp(), arrived)
+        p.metrics.event_to_action_latency.observe(max(0.0, action.created_at.timestamp() - ready))
+        p.metrics.action_deferral.observe((effective_due - action.due_at).total_seconds())
+    for rule_id, error in out.step_errors:
+        log.error("step of rule %s failed for customer %r, retried later: %s", rule_id, key, error)
+        p.metrics.step_errors.labels(rule=rule_id).inc()
     for decision in out.decisions:
         outbox.add(p.topics.decisions, key, decision.model_dump_json(exclude_none=True).encode())
         p.metrics.decisions.labels(

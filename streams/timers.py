@@ -36,9 +36,16 @@ def register_timers(p: Pipeline) -> None:
     async def fire_due_timers() -> None:
         now = p.clock()
         outbox = Outbox(p.sender)
-        for key, due_at, partition in p.schedule.pop_due(now):
-            outbox.add(p.topics.customer_inputs, key, encode_timer(due_at), partition=partition)
-            p.schedule.set_due(key, now + TIMER_RETRY, partition)
+        for partition in p.schedule.partitions():
+            # A partition that is behind holds the steps its backlog may still cancel.
+            horizon = p.progress.horizon(partition, now)
+            if horizon is None:
+                continue
+            for key, due_at, _ in p.schedule.pop_partition(partition, horizon):
+                outbox.add(
+                    p.topics.customer_inputs, key, encode_timer(due_at), partition=partition
+                )
+                p.schedule.set_due(key, now + TIMER_RETRY, partition)
         await outbox.flush()
         p.metrics.timers_pending.set(len(p.schedule))
 
@@ -51,6 +58,7 @@ def register_timers(p: Pipeline) -> None:
 
     async def forget_revoked(sender: Any, *args: Any, **kwargs: Any) -> None:
         revoked: set[TP] = args[0]
+        p.progress.forget(revoked)
         gone = {tp.partition for tp in revoked if tp.topic == names.CUSTOMER_INPUTS}
         if gone:
             p.schedule.drop_partitions(gone)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +14,10 @@ import orjson
 import pytest
 
 from omnicue.settings import Settings
+from schemas import topics
 from streams.app import Pipeline, create_app
 from streams.outbox import RecordSender
+from streams.progress import Progress
 from tests.factories import T0, ruleset
 
 
@@ -56,11 +58,25 @@ class Shell:
         return [key for name, key, _, _, _ in self.sender.records if name == topic]
 
 
+def caught_up_progress(lateness: timedelta = timedelta(0)) -> Progress:
+    return Progress(
+        events_topic=topics.EVENTS,
+        inputs_topic=topics.CUSTOMER_INPUTS,
+        lateness=lateness,
+        highwater=lambda tp: 0,
+        assignment=lambda: (),
+        committed=lambda tp: None,
+    )
+
+
 @pytest.fixture
 async def shell(tmp_path: Path) -> AsyncIterator[Shell]:
     settings = Settings(store="memory://", data_dir=tmp_path / "data", batch_within=0.01)
     clock: list[datetime] = [T0]
     pipeline = create_app(settings, ruleset(), clock=lambda: clock[0])
+    # No consumer under `test_context()`: the shell has always handled everything
+    # there is (tests of catching up set their own).
+    pipeline.progress = caught_up_progress()
     sender = CapturingSender(settings)
     pipeline.sender = sender
     pipeline.app.finalize()
