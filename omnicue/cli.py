@@ -31,7 +31,7 @@ def worker(
     rules: Annotated[Path | None, typer.Option(help="Rules file (default: OMNICUE_RULES)")] = None,
 ) -> None:
     """Run a pipeline worker (creates missing topics first)."""
-    from omnicue.rules import load_rules, read_applied_rules
+    from omnicue.rules import decode_applied, latest_valid_rules, load_rules, read_rules_records
     from omnicue.topics import create_topics
     from streams.worker import run_worker
     from triggers.ruleset import compile_rules
@@ -39,10 +39,13 @@ def worker(
     settings = _settings()
     create_topics(settings)
     # Rules applied with `omnicue rules apply` are the live configuration and win over
-    # the file; the worker then follows the rules topic while it runs.
-    applied = read_applied_rules(settings)
+    # the file: the newest valid record only, never the topic's history in order. The
+    # worker then follows the rules topic while it runs.
+    applied, errors = latest_valid_rules(read_rules_records(settings))
+    for error in errors:
+        typer.echo(f"warning: ignoring an invalid record on the rules topic: {error}", err=True)
     if applied is not None:
-        ruleset = compile_rules(applied)
+        ruleset = compile_rules(decode_applied(applied)[0])
     else:
         ruleset = _load_or_exit(load_rules, rules or settings.rules)
     run_worker(settings, ruleset)

@@ -59,14 +59,36 @@ def apply_rules(settings: Settings, path: Path) -> RulesFile:
 
 
 def decode_applied(value: bytes) -> tuple[RulesFile, str]:
-    """An `omnicue.rules` record: the rules file and where it came from."""
-    data = orjson.loads(value)
-    source = str(data.get("source", RULES))
-    return parse_rules_text(str(data["text"]), f"{RULES} ({source})"), source
+    """An `omnicue.rules` record: the rules file and where it came from.
+
+    Raises `RulesError` for a record that is not an applied rules file (`omnicue rules
+    apply` validates before it publishes, but anything can write to a topic).
+    """
+    try:
+        data = orjson.loads(value)
+        source = str(data.get("source", RULES))
+        text = str(data["text"])
+    except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError) as exc:
+        raise RulesError(f"{RULES}: not an applied rules record ({exc!r})") from None
+    return parse_rules_text(text, f"{RULES} ({source})"), source
 
 
-def read_applied_rules(settings: Settings, idle: float = 1.0) -> RulesFile | None:
-    """The latest applied rules file, or None if none was ever applied.
+def latest_valid_rules(records: list[bytes]) -> tuple[bytes | None, list[str]]:
+    """The newest record that is a valid rules file, and the errors of newer ones."""
+    errors: list[str] = []
+    for value in reversed(records):
+        try:
+            rules_file, _ = decode_applied(value)
+            compile_rules(rules_file)
+        except RulesError as exc:
+            errors.append(str(exc))
+            continue
+        return value, errors
+    return None, errors
+
+
+def read_rules_records(settings: Settings, idle: float = 1.0) -> list[bytes]:
+    """Every record of the rules topic, oldest first (compaction keeps it short).
 
     Reads the topic from the start until it stays quiet for `idle` seconds rather
     than comparing with end offsets, which the dev broker reports wrongly.
@@ -77,18 +99,18 @@ def read_applied_rules(settings: Settings, idle: float = 1.0) -> RulesFile | Non
     try:
         partitions = consumer.partitions_for_topic(RULES) or set()
         if not partitions:
-            return None
+            return []
         assigned = [TopicPartition(RULES, p) for p in sorted(partitions)]
         consumer.assign(assigned)
         consumer.seek_to_beginning(*assigned)
-        latest: bytes | None = None
+        records: list[bytes] = []
         quiet_since = time.monotonic()
         while time.monotonic() - quiet_since < idle:
-            for records in consumer.poll(timeout_ms=200).values():
-                for record in records:
+            for batch in consumer.poll(timeout_ms=200).values():
+                for record in batch:
                     if record.key == RULES_KEY and record.value:
-                        latest = record.value
+                        records.append(record.value)
                     quiet_since = time.monotonic()
-        return None if latest is None else decode_applied(latest)[0]
+        return records
     finally:
         consumer.close()

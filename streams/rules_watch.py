@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from aiokafka import AIOKafkaConsumer
 
-from omnicue.rules import decode_applied
+from omnicue.rules import decode_applied, latest_valid_rules
 from schemas.rules import RulesError
 from schemas.topics import RULES, RULES_KEY
 from streams.timers import wake_journeys_of
@@ -35,6 +35,13 @@ def register_rules_watcher(p: Pipeline) -> None:
         )
         await consumer.start()
         try:
+            # On start only the newest valid record counts: an older one, applied even
+            # for a moment, would mark current rules as removed and end their journeys.
+            latest, errors = latest_valid_rules(await _read_until_quiet(consumer))
+            for error in errors:
+                _reject(p, error)
+            if latest is not None:
+                apply_record(p, latest)
             async for record in consumer:
                 if record.key == RULES_KEY and record.value:
                     apply_record(p, record.value)
@@ -46,13 +53,30 @@ def register_rules_watcher(p: Pipeline) -> None:
     p.app.task(follow_rules)
 
 
+async def _read_until_quiet(consumer: AIOKafkaConsumer, idle: float = 1.0) -> list[bytes]:
+    """The topic's records so far. Read until a fetch stays empty for `idle` seconds,
+    not up to end offsets, which the dev broker reports wrongly."""
+    records: list[bytes] = []
+    while True:
+        batches = await consumer.getmany(timeout_ms=int(idle * 1000))
+        if not batches:
+            return records
+        for batch in batches.values():
+            records += [r.value for r in batch if r.key == RULES_KEY and r.value]
+
+
+def _reject(p: Pipeline, error: str) -> None:
+    # `omnicue rules apply` validates first; a bad record here keeps the rules running.
+    log.error("ignoring an invalid rules update, keeping the rules in use: %s", error)
+    p.metrics.rules_invalid.inc()
+
+
 def apply_record(p: Pipeline, value: bytes) -> None:
     try:
         rules_file, source = decode_applied(value)
         new = compile_rules(rules_file, previous=p.rules)
-    except (RulesError, ValueError, KeyError) as exc:
-        # `omnicue rules apply` validates first; a bad record here keeps the rules running.
-        log.error("ignoring an invalid rules update: %s", exc)
+    except RulesError as exc:
+        _reject(p, str(exc))
         return
     changed = {r.id: r.version for r in new.rules} != {r.id: r.version for r in p.rules.rules}
     removed = new.removed - p.rules.removed

@@ -9,10 +9,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from kafka import KafkaProducer
 
 from omnicue.producer import EventProducer
 from omnicue.settings import Settings
 from schemas import topics
+from schemas.topics import RULES_KEY
 from tests.e2e.conftest import write_rules
 from tests.e2e.harness import ROOT, TopicReader, settings_env, start_worker, wait_for_metric
 from tests.factories import event_dict
@@ -34,6 +36,35 @@ CONFIRMATION = """
     steps:
       - {after: 1h, channels: [email], template: browse}
 """
+
+
+STORE_RULE = """
+  - id: store_follow_up
+    category: marketing
+    trigger: {event: store.visited}
+    steps:
+      - {after: 1h, channels: [email], template: store_follow_up}
+"""
+
+
+def publish(settings: Settings, event: dict[str, object]) -> None:
+    with EventProducer(settings) as producer:
+        producer.send({**event, "customer_id": "c-live",
+                       "occurred_at": datetime.now(UTC).isoformat()})
+        producer.flush()
+
+
+def produce_raw(settings: Settings, topic: str, key: bytes, value: bytes) -> None:
+    producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers)
+    try:
+        producer.send(topic, key=key, value=value).get(timeout=30)
+    finally:
+        producer.close()
+
+
+def confirmed_order(reader: TopicReader, order_id: str) -> bool:
+    return any(a["rule_id"] == "order_confirmation" and a["journey_key"] == order_id
+               for a in reader.of("omnicue.actions.", "c-live"))
 
 
 def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
@@ -117,12 +148,43 @@ def test_applied_rules_reach_running_workers_and_explain_answers(
                       f"http://127.0.0.1:{settings.web_port}")
         assert missing.returncode == 1 and "no state" in missing.stdout
 
-        # A restarted worker starts from the applied rules, not from its rules file.
+        # A newer rules record adds a rule, and a journey of it starts.
+        newer = tmp_path / "newer.yaml"
+        newer.write_text(
+            "version: 1\npolicy: {quiet_hours: null}\nrules:" + CONFIRMATION + STORE_RULE,
+            encoding="utf-8",
+        )
+        assert cli(settings, "rules", "apply", str(newer)).returncode == 0
+        worker.wait_for_line("store_follow_up@", timeout=30)
+        publish(settings, event_dict("store.visited", {"store_id": "s-1"}, channel="store"))
+        wait_for_metric(settings.web_port, "omnicue_timers_pending", 1)
+
+        # A restarted worker starts from the newest applied rules, not from its rules
+        # file, and never from the topic's history in order: the older record (without
+        # the store rule), applied even for a moment, would end the store journey.
         worker.stop()
         worker = start_worker(settings, tmp_path / "worker-2.log")
-        rules_in_use = cli(settings, "explain", "c-live", "--json", "--worker",
-                           f"http://127.0.0.1:{settings.web_port}")
-        assert rules_in_use.returncode == 0
+        publish(settings, event_dict("order.completed", {"order_id": "O-2", "value": 5,
+                                                         "currency": "KRW"}))
+        reader.wait_for(lambda _: confirmed_order(reader, "O-2"), timeout=30)
+        assert not [d for d in reader.of(topics.DECISIONS, "c-live")
+                    if d["rule_id"] == "store_follow_up"], "the store journey runs on"
+        assert "rules removed" not in worker.log_text()
+        explained = cli(settings, "explain", "c-live", "--worker",
+                        f"http://127.0.0.1:{settings.web_port}")
+        assert "store_follow_up" in explained.stdout
+
+        # A record that is not a valid rules file, written past `rules apply`: logged,
+        # counted, and the rules in use stay, in the running worker and after a restart.
+        produce_raw(settings, topics.RULES, RULES_KEY, b'{"text": "rules: [oops"}')
+        worker.wait_for_line("ignoring an invalid rules update", timeout=30)
+        wait_for_metric(settings.web_port, "omnicue_rules_invalid_total", 1)
+        worker.stop()
+        worker = start_worker(settings, tmp_path / "worker-3.log")
+        publish(settings, event_dict("order.completed", {"order_id": "O-3", "value": 5,
+                                                         "currency": "KRW"}))
+        reader.wait_for(lambda _: confirmed_order(reader, "O-3"), timeout=30)
+        assert "Traceback" not in worker.log_text()
         bad = tmp_path / "bad.yaml"
         bad.write_text("version: 1\nrules:\n  - id: x\n    category: marketing\n", encoding="utf-8")
         rejected = cli(settings, "rules", "apply", str(bad))
