@@ -11,15 +11,18 @@ import typer
 from omnicue.settings import Settings
 
 if TYPE_CHECKING:
+    from omnicue.dlq import Selection
     from triggers.ruleset import RuleSet
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 topics_app = typer.Typer(no_args_is_help=True, help="Kafka topics.")
 schema_app = typer.Typer(no_args_is_help=True, help="JSON Schema of the contracts.")
 rules_app = typer.Typer(no_args_is_help=True, help="Rules files.")
+dlq_app = typer.Typer(no_args_is_help=True, help="Dead letters (omnicue.events.dlq).")
 app.add_typer(topics_app, name="topics")
 app.add_typer(schema_app, name="schema")
 app.add_typer(rules_app, name="rules")
+app.add_typer(dlq_app, name="dlq")
 
 
 def _settings() -> Settings:
@@ -258,6 +261,81 @@ def explain(
         typer.echo("not started, though their trigger events came:")
         for item in body["held_back"]:
             typer.echo(f"  {item['text']}")
+
+
+ReasonOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--reason", help="Only this error class (omnicue.error.class, e.g. json); repeatable"
+    ),
+]
+SinceOption = Annotated[
+    str | None,
+    typer.Option(help="Only dead letters written since: a duration (2h, 1d) or an ISO 8601 time"),
+]
+
+
+def _dlq_selection(reason: list[str] | None, since: str | None) -> Selection:
+    from omnicue.dlq import Selection, parse_since
+
+    try:
+        start = parse_since(since) if since is not None else None
+    except ValueError as exc:
+        typer.echo(f"--since: {exc}", err=True)
+        raise typer.Exit(2) from None
+    return Selection(reasons=frozenset(reason or ()), since=start)
+
+
+@dlq_app.command("list")
+def dlq_list(
+    reason: ReasonOption = None,
+    since: SinceOption = None,
+    examples: Annotated[int, typer.Option(help="Newest examples shown per group")] = 3,
+) -> None:
+    """Dead letters by stage and reason: counts and the newest examples."""
+    from kafka.errors import KafkaError
+
+    from omnicue.dlq import list_dead_letters
+
+    settings, selection = _settings(), _dlq_selection(reason, since)
+    try:
+        summary = list_dead_letters(settings, selection, examples)
+    except KafkaError as exc:
+        typer.echo(f"{settings.broker}: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(summary.render())
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    reason: ReasonOption = None,
+    since: SinceOption = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Count what would be replayed; publish nothing")
+    ] = False,
+    again: Annotated[
+        bool, typer.Option("--again", help="Also replay dead letters replayed before")
+    ] = False,
+) -> None:
+    """Put dead letters back: original key and bytes, to their source topic and partition.
+
+    Each dead letter is replayed at most once (recorded in omnicue.events.dlq.replayed)
+    unless --again; one that fails again returns to the dead-letter topic.
+    """
+    from kafka.errors import KafkaError
+
+    from omnicue.dlq import replay_dead_letters
+
+    settings, selection = _settings(), _dlq_selection(reason, since)
+    try:
+        report = replay_dead_letters(settings, selection, dry_run=dry_run, again=again)
+    except KafkaError as exc:
+        # Whatever was published before is recorded as replayed: running again is safe.
+        typer.echo(f"{settings.broker}: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(report.render())
+    if report.failed:
+        raise typer.Exit(1)
 
 
 def _load_or_exit(loader: Callable[[Path | None], RuleSet], path: Path | None) -> RuleSet:
