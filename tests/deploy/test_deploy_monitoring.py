@@ -36,11 +36,14 @@ COUNTERS = {
     "omnicue_actions_total",
     "omnicue_decisions_total",
     "omnicue_sender_actions_total",
+    "omnicue_step_errors_total",
+    "omnicue_rules_invalid_total",
 }
 HISTOGRAMS = {
     "omnicue_event_to_action_latency_seconds",
     "omnicue_timer_lateness_seconds",
     "omnicue_batch_events",
+    "omnicue_action_deferral_seconds",
 }
 GAUGES = {"omnicue_timers_pending", "omnicue_customers_in_state"}
 # Names a query may select: histograms only through their exposed series.
@@ -58,6 +61,8 @@ REQUIRED_ALERTS = {
     "OmnicueTimerLateness": "critical",
     "OmnicueEventToActionLatencyHigh": "warning",
     "OmnicueSuppressionSpike": "info",
+    "OmnicueStepErrors": "warning",
+    "OmnicueRulesInvalid": "warning",
 }
 
 # --------------------------------------------------------------------------- PromQL
@@ -268,6 +273,34 @@ def _alert_unit_tests() -> list[dict[str, Any]]:
     """promtool unit tests: synthetic series in, expected firing alerts (labels) out."""
     worker = 'up{job="omnicue-worker", instance="w1:6066"}'
     return [
+        {
+            # One step of rule "cart" fails at 3m; the alert clears once 10m have passed.
+            "interval": "1m",
+            "input_series": [
+                {"series": 'omnicue_step_errors_total{rule="cart"}', "values": "0 0 0 1x20"},
+            ],
+            "alert_rule_test": [
+                {"alertname": "OmnicueStepErrors", "eval_time": "2m", "exp_alerts": []},
+                {
+                    "alertname": "OmnicueStepErrors",
+                    "eval_time": "5m",
+                    "exp_alerts": [{"exp_labels": {"severity": "warning", "rule": "cart"}}],
+                },
+                {"alertname": "OmnicueStepErrors", "eval_time": "20m", "exp_alerts": []},
+            ],
+        },
+        {
+            "interval": "1m",
+            "input_series": [{"series": "omnicue_rules_invalid_total", "values": "0 0 1x10"}],
+            "alert_rule_test": [
+                {"alertname": "OmnicueRulesInvalid", "eval_time": "1m", "exp_alerts": []},
+                {
+                    "alertname": "OmnicueRulesInvalid",
+                    "eval_time": "4m",
+                    "exp_alerts": [{"exp_labels": {"severity": "warning"}}],
+                },
+            ],
+        },
         {
             "interval": "1m",
             "input_series": [
