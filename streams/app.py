@@ -15,6 +15,7 @@ from schemas import topics as names
 from streams.consumer import PromptFetchConsumer
 from streams.outbox import RecordSender
 from streams.progress import Progress, consumer_progress
+from streams.stores import StateCacheTableManager
 from streams.topics import Topics, declare_topics
 from triggers.engine import EnginePolicy
 from triggers.ruleset import RuleSet
@@ -70,6 +71,9 @@ def faust_app(settings: Settings) -> faust.App:
         broker_rebalance_timeout=10.0 if dev else 60.0,
         table_standby_replicas=0 if dev else 1,
         stream_wait_empty=False,
+        # Local state is a cache: partitions ahead of their changelog are discarded
+        # and restored instead of stopping the worker with ConsistencyError.
+        TableManager=StateCacheTableManager,
     )
     if dev:
         app.transport.Consumer = PromptFetchConsumer  # type: ignore[misc]
