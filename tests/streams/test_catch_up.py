@@ -142,3 +142,36 @@ async def test_an_input_that_raises_leaves_the_state_as_it_was(
         await settle()
     assert "K" in state_of(shell, b"c").carts
     assert "touched" not in state_of(shell, b"c").traits
+
+
+async def test_latency_counts_from_the_deferred_due_time_and_deferral_is_measured_apart(
+    shell: Shell,
+) -> None:
+    """A step deferred by quiet hours is not slow: before, its 10.5 h of quiet hours
+    counted as event-to-action latency and could trip the latency alert."""
+    from tests.factories import CART_RULE, ruleset
+
+    shell.pipeline.rules = ruleset(
+        CART_RULE, policy={"quiet_hours": "21:00-08:00", "caps": {"per_channel": {"limit": 9}}}
+    )
+    evening = datetime(2026, 3, 2, 12, 0, tzinfo=T0.tzinfo)  # 21:00 in Seoul
+    morning = datetime(2026, 3, 2, 23, 0, tzinfo=T0.tzinfo)  # 08:00 in Seoul
+    agent = shell.pipeline.app.agents["omnicue.customers"]
+    async with agent.test_context() as customers:
+        shell.now[0] = evening
+        for value in cart_journey("night", at=evening):
+            await customers.put(value, key=b"night", timestamp=evening.timestamp())
+        await settle()
+        shell.now[0] = evening + STEP
+        await customers.put(encode_timer(evening + STEP), key=b"night",
+                            timestamp=shell.now[0].timestamp())
+        await settle()
+        shell.now[0] = morning
+        await customers.put(encode_timer(morning), key=b"night", timestamp=morning.timestamp())
+        await settle()
+    assert emails(shell) == [("night", 1)]
+    metrics = shell.pipeline.metrics
+    latency = metrics.registry.get_sample_value("omnicue_event_to_action_latency_seconds_sum")
+    deferral = metrics.registry.get_sample_value("omnicue_action_deferral_seconds_sum")
+    assert latency == 0.0
+    assert deferral == (morning - (evening + STEP)).total_seconds()
