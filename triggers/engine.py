@@ -121,6 +121,7 @@ def evolve(
     input that occurred before its due time has been applied (see `streams.progress`).
     """
     out = Output()
+    journeys_before = len(state.journeys) if state.rule_versions else 0
     if rules.removed and state.journeys:
         _end_removed_rules(state, rules, now, out)
     due_by = now if horizon is None or horizon > now else horizon
@@ -139,7 +140,9 @@ def evolve(
         _run_due_steps(state, now, due_by, rules, policy, out)
     if state.sent_log:
         prune(state, rules, now)
-    if state.rule_versions:
+    if state.rule_versions and len(state.journeys) < journeys_before:
+        # Only an input that ended journeys can leave a stored version unused (one
+        # that ends one and starts another may leave it until the next one ends).
         _forget_unused_versions(state)
     if out.decisions:
         state.recent_decisions.extend(out.decisions)
@@ -361,7 +364,8 @@ def _start_journeys(
             continue
         if event_type not in rule.trigger_events:
             continue
-        if rule.repeat is not None and _stale(rule, event, now):
+        max_age = rule.max_event_age
+        if max_age is not None and rule.repeat is not None and now - occurred_at > max_age:
             continue  # a stale event does not count toward the repeat either
         if rule.repeat is not None and not _repeated_enough(
             state.occurrences, rules, slot, *rule.repeat, anchor
@@ -481,16 +485,12 @@ def _forget_stale_counts(
         del occurrences[slot]
 
 
-def _stale(rule: CompiledRule, event: Event, now: datetime) -> bool:
-    max_age = rule.rule.max_event_age
-    return max_age is not None and now - event.occurred_at > max_age
-
-
 def _start_blocked(
     state: CustomerState, rule: CompiledRule, event: Event, now: datetime
 ) -> str | None:
     definition = rule.rule
-    if _stale(rule, event, now):
+    max_age = rule.max_event_age
+    if max_age is not None and now - event.occurred_at > max_age:
         return "stale_event"
     if definition.reentry is not None:
         last = state.last_started.get(rule.id)

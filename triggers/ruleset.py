@@ -47,6 +47,7 @@ class CompiledRule:
     # `trigger.repeat` as (count, within); None when one event starts the journey.
     repeat: tuple[int, timedelta] | None
     step_delays: tuple[timedelta, ...]
+    max_event_age: timedelta | None
     # The rule as canonical JSON (what `version` hashes): stored in the state of every
     # customer with a journey of this version, so the journey keeps its steps even
     # where no worker has this version loaded any more.
@@ -144,6 +145,7 @@ def compile_rule(rule: Rule) -> CompiledRule:
         if rule.trigger.repeat is None
         else (rule.trigger.repeat.count, rule.trigger.repeat.within),
         step_delays=tuple(step.after for step in rule.steps),
+        max_event_age=rule.max_event_age,
         definition=definition,
     )
 

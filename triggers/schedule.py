@@ -39,7 +39,9 @@ class TimerSchedule:
             return
         self._due[key] = due_at
         self._partition[key] = partition
-        heap = self._heaps.setdefault(partition, [])
+        heap = self._heaps.get(partition)
+        if heap is None:
+            heap = self._heaps[partition] = []
         heapq.heappush(heap, (due_at, key))
         # Replaced entries stay in the heap until popped; compact when they dominate.
         if len(heap) > 2 * len(self._due) + 1024:
