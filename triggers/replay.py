@@ -201,14 +201,13 @@ class Replayer:
         elif occurred < now:
             stats.late += 1
         stats.last_arrival = now
+        horizon: datetime | None = None
         if self.lateness:
-            horizon: datetime | None = now - self.lateness
+            horizon = now - self.lateness
             if self._low <= horizon:
                 self._fire_until(horizon, outputs)
-        else:
-            horizon = None
-            if self._low <= now:
-                self._fire_until(now, outputs)
+        elif self._low <= now:
+            self._fire_until(now, outputs)
 
         stats.events += 1
         stats.events_by_type[event.type] += 1
