@@ -60,6 +60,12 @@ class WorkerMetrics:
             ["rule"],
             registry=r,
         )
+        self.timer_errors = Counter(
+            "omnicue_timer_errors",
+            "Customers whose due steps failed outside any one step (a timer input "
+            "dead-lettered, or the evaluation after a batch); retried a minute later",
+            registry=r,
+        )
         self.rules_invalid = Counter(
             "omnicue_rules_invalid",
             "Applied rules records that did not parse or validate (the worker kept its "

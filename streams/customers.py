@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, cast
 
 from faust import Stream
@@ -75,6 +75,7 @@ async def process_batch(p: Pipeline, batch: Sequence[EventT[bytes]]) -> None:
         if raw is None:
             p.metrics.customers_in_state.inc()
         run = _CustomerRun(p, key, raw, now)
+        timer_failed = False
         for event, item, watermark in inputs:
             if isinstance(item, Exception):
                 _fail(p, event, outbox, item, key)
@@ -91,12 +92,24 @@ async def process_batch(p: Pipeline, batch: Sequence[EventT[bytes]]) -> None:
             except Exception as exc:  # noqa: BLE001 - one bad input must not stop everyone
                 _fail(p, event, outbox, exc, key)
                 run.undo_last()
+                timer_failed = timer_failed or isinstance(item, TimerFired)
         # Then what the partition's progress after this batch allows.
         batch_horizon = p.progress.horizon(last.partition, now)
         if batch_horizon is not None:
-            run.due_steps(batch_horizon, last.timestamp)
+            try:
+                run.due_steps(batch_horizon, last.timestamp)
+            except Exception:  # noqa: BLE001 - as above; there is no input to dead-letter
+                log.exception("cannot evaluate due steps for customer %r", key)
+                run.undo_last()
+                timer_failed = True
+        due = run.state.next_due()
+        if timer_failed:
+            p.metrics.timer_errors.inc()
+            if due is not None and due <= now:
+                # Due in the past, the timer task would send it again at every tick.
+                due = now + TIMER_FAILURE_RETRY
         p.customers[key] = run.state.model_dump_json(exclude_defaults=True).encode()
-        p.schedule.set_due(key, run.state.next_due(), last.partition)
+        p.schedule.set_due(key, due, last.partition)
         for out, arrived in run.outputs:
             emit(p, key, out, outbox, arrived)
     await outbox.flush()
@@ -140,6 +153,8 @@ class _CustomerRun:
         return CustomerState.model_validate_json(self._raw)
 
 
+# A customer whose due steps could not be evaluated is tried again this much later.
+TIMER_FAILURE_RETRY = timedelta(minutes=1)
 # A horizon before every due time: the input is applied, no step is evaluated.
 _NOTHING_DUE = datetime.min.replace(tzinfo=UTC)
 

@@ -37,6 +37,7 @@ COUNTERS = {
     "omnicue_decisions_total",
     "omnicue_sender_actions_total",
     "omnicue_step_errors_total",
+    "omnicue_timer_errors_total",
     "omnicue_rules_invalid_total",
 }
 HISTOGRAMS = {
@@ -287,6 +288,17 @@ def _alert_unit_tests() -> list[dict[str, Any]]:
                     "exp_alerts": [{"exp_labels": {"severity": "warning", "rule": "cart"}}],
                 },
                 {"alertname": "OmnicueStepErrors", "eval_time": "20m", "exp_alerts": []},
+            ],
+        },
+        {
+            "interval": "1m",
+            "input_series": [{"series": "omnicue_timer_errors_total", "values": "0 0 1x10"}],
+            "alert_rule_test": [
+                {
+                    "alertname": "OmnicueStepErrors",
+                    "eval_time": "4m",
+                    "exp_alerts": [{"exp_labels": {"severity": "warning", "rule": "(any)"}}],
+                },
             ],
         },
         {

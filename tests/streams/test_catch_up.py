@@ -175,3 +175,33 @@ async def test_latency_counts_from_the_deferred_due_time_and_deferral_is_measure
     deferral = metrics.registry.get_sample_value("omnicue_action_deferral_seconds_sum")
     assert latency == 0.0
     assert deferral == (morning - (evening + STEP)).total_seconds()
+
+
+async def test_a_timer_input_that_raises_is_retried_later_not_at_every_tick(
+    shell: Shell, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from streams import customers as stage
+    from triggers.engine import TimerFired
+
+    real = stage.evolve
+
+    def timers_broken(state: Any, item: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(item, TimerFired):
+            raise RuntimeError("timer bug")
+        return real(state, item, *args, **kwargs)
+
+    agent = shell.pipeline.app.agents["omnicue.customers"]
+    async with agent.test_context() as customers:
+        for value in cart_journey("c"):
+            await customers.put(value, key=b"c")
+        await settle()
+        monkeypatch.setattr(stage, "evolve", timers_broken)
+        shell.now[0] = T0 + STEP
+        await customers.put(encode_timer(T0 + STEP), key=b"c")
+        await settle()
+    # Dead-lettered, the journey still pending in state, the timer a minute away.
+    [letter] = shell.headers(topics.EVENTS_DLQ)
+    assert letter["omnicue.error.class"] == b"RuntimeError"
+    assert state_of(shell, b"c").journeys["cart_abandonment|K"].next_step == 1
+    assert shell.pipeline.schedule.due_at(b"c") == shell.now[0] + stage.TIMER_FAILURE_RETRY
+    assert shell.pipeline.metrics.registry.get_sample_value("omnicue_timer_errors_total") == 1
