@@ -147,7 +147,7 @@ def test_images_are_pinned(services: dict[str, dict[str, Any]]) -> None:
 
 
 def test_third_party_images(services: dict[str, dict[str, Any]]) -> None:
-    assert services["broker"]["image"].startswith("apache/kafka:3.")
+    assert services["broker"]["image"].startswith("apache/kafka:4.")
     assert services["redis"]["image"].startswith("redis:7")
     assert services["redis"]["image"].endswith("-alpine")
     assert services["prometheus"]["image"].startswith("prom/prometheus:v")
