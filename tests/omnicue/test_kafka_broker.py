@@ -133,7 +133,7 @@ def test_launcher_settings_match_the_compose_broker() -> None:
 
 
 def test_per_run_settings_add_addresses_and_override_nothing(tmp_path: Path) -> None:
-    broker = KafkaBroker(free_port(), data_dir=tmp_path)
+    broker = KafkaBroker(free_port(), log_path=tmp_path / "kafka.log", data_dir=tmp_path)
     settings = broker.server_settings()
     assert set(settings) - set(BROKER_SETTINGS) == LAUNCHER_PER_RUN
     assert {key: settings[key] for key in BROKER_SETTINGS} == dict(BROKER_SETTINGS)
