@@ -7,8 +7,9 @@ applied, every timer due up to its arrival fires, in time order (ties broken by
 customer key), each with `now` = its due time; after the last event, timers fire
 up to `until`. With a lateness L, a timer due at d fires only once the clock
 has passed d + L, as on a live worker that is behind. Every customer's state
-lives in a dict and is changed in place by `evolve`, the same function the stream worker uses, so a backtest shows what
-production would have done with these rules on this traffic.
+lives in a dict and is changed in place by `evolve`, the same function the
+stream worker uses, so a backtest shows what production would have done with
+these rules on this traffic.
 
 Pure: no I/O and no wall clock, so the same input always gives the same outputs
 in the same order.
