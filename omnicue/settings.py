@@ -37,6 +37,13 @@ class Settings(BaseSettings):
     batch_size: int = Field(500, ge=1, description="Max events per processing batch")
     batch_within: float = Field(0.05, gt=0, description="Seconds to wait to fill a batch")
     timer_interval: float = Field(0.25, gt=0, description="Seconds between timer checks")
+    broker_session_timeout: float | None = Field(
+        None,
+        gt=0,
+        description="Seconds before the group drops a worker that stopped heartbeating "
+        "(a SIGKILL, a lost host): its partitions wait that long for a new owner. "
+        "Default 10 on Apache Kafka, 6 on the dev broker",
+    )
     allowed_lateness: float = Field(
         0.0,
         ge=0,

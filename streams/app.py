@@ -45,6 +45,7 @@ class Pipeline:
 
 def faust_app(settings: Settings) -> faust.App:
     dev = settings.dev_broker
+    session_timeout = settings.broker_session_timeout or (6.0 if dev else 10.0)
     app = faust.App(
         settings.app_id,
         broker=settings.broker,
@@ -65,9 +66,12 @@ def faust_app(settings: Settings) -> faust.App:
         # The dev broker reports wrong end offsets for multi-record batches, and
         # tables then recover stale values; one record per batch avoids it.
         producer_max_batch_size=1 if dev else 16384,
-        # The first group join takes about half the session timeout on the dev broker.
-        broker_session_timeout=6.0 if dev else 60.0,
-        broker_heartbeat_interval=1.0 if dev else 3.0,
+        # The session timeout is how long a dead worker's partitions wait for a new
+        # owner: faust's 60 s would hold a crashed worker's customers for a minute.
+        # Kafka's classic 10 s; 6 s on the dev broker, whose first group join takes
+        # about half of it. Heartbeats at a third of it, as Kafka recommends.
+        broker_session_timeout=session_timeout,
+        broker_heartbeat_interval=min(1.0 if dev else 3.0, session_timeout / 3),
         broker_rebalance_timeout=10.0 if dev else 60.0,
         table_standby_replicas=0 if dev else 1,
         stream_wait_empty=False,

@@ -134,3 +134,20 @@ def wait_for_metric(port: int, name: str, at_least: float, timeout: float = 30) 
         if time.monotonic() > deadline:
             raise AssertionError(f"{name} did not reach {at_least} in {timeout}s")
         time.sleep(0.2)
+
+
+def wait_for_commit(settings: Settings, topic: str, partition: int, offset: int,
+                    timeout: float = 30) -> None:
+    """Until the worker group has committed `topic[partition]` up to `offset`: what a
+    worker processed but has not committed yet is processed again after it stops
+    (at-least-once), which a test counting records exactly must wait out."""
+    # A consumer of the group that never joins it: `committed` only fetches offsets.
+    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers,
+                             group_id=settings.app_id, enable_auto_commit=False)
+    try:
+        deadline = time.monotonic() + timeout
+        while (consumer.committed(TopicPartition(topic, partition)) or 0) < offset:
+            assert time.monotonic() < deadline, f"{topic}[{partition}] not committed to {offset}"
+            time.sleep(0.2)
+    finally:
+        consumer.close()

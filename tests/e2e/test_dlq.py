@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from importlib import resources
@@ -29,7 +30,14 @@ from omnicue.services import ManagedProcess
 from omnicue.settings import Settings
 from schemas import topics
 from tests.e2e.conftest import write_rules
-from tests.e2e.harness import ROOT, WORKER_READY, Record, TopicReader, settings_env
+from tests.e2e.harness import (
+    ROOT,
+    WORKER_READY,
+    Record,
+    TopicReader,
+    settings_env,
+    wait_for_commit,
+)
 from tests.factories import event_dict
 
 pytestmark = pytest.mark.e2e
@@ -78,18 +86,18 @@ def dead(records: list[Record]) -> list[Record]:
 
 
 @pytest.fixture(scope="module")
-def run(make_settings: Callable[..., Settings], stack_dir: Path) -> Iterator[dict[str, Any]]:
+def run(make_settings: Callable[..., Settings], run_dir: Path) -> Iterator[dict[str, Any]]:
     settings = make_settings(
-        rules=write_rules(stack_dir, "1s", "2s"), store="memory://", partitions=PARTITIONS
+        rules=write_rules(run_dir, "1s", "2s"), store="memory://", partitions=PARTITIONS
     )
     bootstrap = settings.bootstrap_servers[0]
     # The newer tz database: the packaged one plus the new zone (a copy of Seoul's rules).
-    tzpath = stack_dir / "tz-new"
+    tzpath = run_dir / "tz-new"
     zone_file = tzpath / NEW_ZONE
     zone_file.parent.mkdir(parents=True)
     zone_file.write_bytes(resources.files("tzdata").joinpath("zoneinfo/Asia/Seoul").read_bytes())
     reader = TopicReader(bootstrap, [topics.EVENTS_DLQ, *topics.ACTIONS.values()])
-    worker = start_worker(settings, stack_dir / "worker-old.log", {})
+    worker = start_worker(settings, run_dir / "worker-old.log", {})
     try:
         raw = KafkaProducer(bootstrap_servers=bootstrap)
         identify = event_dict(
@@ -105,9 +113,15 @@ def run(make_settings: Callable[..., Settings], stack_dir: Path) -> Iterator[dic
         raw.flush()
         raw.close()
         first = dead(reader.wait_for(lambda rs: len(dead(rs)) >= 3, timeout=60))
+        # Processed is not yet committed: stopped now, the next worker would dead-letter
+        # the timer input once more (at-least-once), and the counts below are exact.
+        wait_for_commit(settings, topics.CUSTOMER_INPUTS, TIMER_PARTITION, 1)
+        published = Counter(hash_partition(key) for key in (FIXED.encode(), b"c-broken"))
+        for partition, count in published.items():
+            wait_for_commit(settings, topics.EVENTS, partition, count)
         worker.stop()
 
-        worker = start_worker(settings, stack_dir / "worker-new.log", {"PYTHONTZPATH": str(tzpath)})
+        worker = start_worker(settings, run_dir / "worker-new.log", {"PYTHONTZPATH": str(tzpath)})
         replay_out = omnicue(settings, "dlq", "replay")
         # Now that the customer has an email address, an abandoned cart reaches them.
         with EventProducer(settings) as producer:

@@ -51,9 +51,9 @@ def journey(customer: str, *kinds: str) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def run(make_settings: Callable[..., Settings], stack_dir: Path) -> Iterator[dict[str, Any]]:
-    settings = make_settings(rules=write_rules(stack_dir, "4s", "8s"), store="memory://")
-    worker = start_worker(settings, stack_dir / "worker.log")
+def run(make_settings: Callable[..., Settings], run_dir: Path) -> Iterator[dict[str, Any]]:
+    settings = make_settings(rules=write_rules(run_dir, "4s", "8s"), store="memory://")
+    worker = start_worker(settings, run_dir / "worker.log")
     bootstrap = settings.bootstrap_servers[0]
     reader = TopicReader(
         bootstrap, [topics.EVENTS_DLQ, topics.DECISIONS, *topics.ACTIONS.values()]
@@ -85,7 +85,7 @@ def run(make_settings: Callable[..., Settings], stack_dir: Path) -> Iterator[dic
         reader.wait_for(done, timeout=60)
         reader.settle(2)
         yield {"reader": reader, "worker": worker, "settings": settings, "events": published,
-               "dir": stack_dir}
+               "dir": run_dir}
     finally:
         reader.close()
         worker.stop()

@@ -1,0 +1,67 @@
+"""The two brokers the end-to-end tests run on: Tansu (embedded, the dev default) and
+Apache Kafka (what production runs), as a pytest parameter.
+
+Apache Kafka needs Java 17+. Outside CI a machine without it skips the Kafka runs
+with a one-line reason; with CI set (as `.ci/run` runs) they run and fail, so CI
+never passes by skipping them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from omnicue.kafka_broker import JavaNotFound, KafkaBroker, find_java
+from omnicue.services import TansuBroker, free_port
+
+BROKERS = ("tansu", "kafka")
+Broker = TansuBroker | KafkaBroker
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
+def _java_missing() -> str | None:
+    try:
+        find_java()
+    except JavaNotFound as exc:
+        return str(exc)
+    return None
+
+
+def broker_params() -> list[Any]:
+    """`params=` for a broker fixture: ids `tansu` and `kafka`."""
+    missing = None if in_ci() else _java_missing()
+    kafka_marks = [pytest.mark.skip(reason=f"Apache Kafka: {missing}")] if missing else []
+    return [pytest.param("tansu", id="tansu"), pytest.param("kafka", id="kafka",
+                                                             marks=kafka_marks)]
+
+
+def start_broker(kind: str, log_dir: Path) -> Broker:
+    """A started broker of that kind on a free port; stop it (or use `with`)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    if kind == "tansu":
+        return TansuBroker(free_port(), log_path=log_dir / "tansu.log").start(timeout=30)
+    if kind == "kafka":
+        return KafkaBroker(free_port(), log_path=log_dir / "kafka.log").start()
+    raise ValueError(f"unknown broker {kind!r}; expected one of {BROKERS}")
+
+
+def broker_kind(broker: Broker) -> str:
+    return "tansu" if isinstance(broker, TansuBroker) else "kafka"
+
+
+def broker_dir(root: Path, broker: Broker) -> Path:
+    """A directory of `root` for this broker's run (logs, worker data)."""
+    path = root / broker_kind(broker)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def is_dev_broker(broker: Broker) -> bool:
+    """True where the Tansu workarounds apply (`OMNICUE_DEV_BROKER`)."""
+    return isinstance(broker, TansuBroker)
