@@ -14,6 +14,7 @@ from omnicue.settings import Settings
 from schemas import topics as names
 from streams.consumer import PromptFetchConsumer
 from streams.outbox import RecordSender
+from streams.producer import IdempotentProducer
 from streams.progress import Progress, consumer_progress
 from streams.stores import StateCacheTableManager
 from streams.topics import Topics, declare_topics
@@ -81,6 +82,8 @@ def faust_app(settings: Settings) -> faust.App:
     )
     if dev:
         app.transport.Consumer = PromptFetchConsumer  # type: ignore[misc]
+    else:
+        app.transport.Producer = IdempotentProducer  # type: ignore[misc]
     return app
 
 
