@@ -26,8 +26,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# tansu (the dev broker) or kafka: `make bench BROKER=kafka` needs Java 17+.
+BROKER ?= tansu
+
 bench: $(STAMP)
-	$(BIN)/python -m bench.pipeline
+	$(BIN)/python -m bench.pipeline --broker $(BROKER)
 
 schema: $(STAMP)
 	$(BIN)/omnicue schema export schemas/json

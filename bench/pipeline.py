@@ -1,9 +1,14 @@
 """Benchmark: the Omnicue pipeline against a bare Faust agent on the same broker.
 
     PYTHONPATH=. python -m bench.pipeline [--events 30000] [--store memory|rocksdb|both]
-                                          [--profile] [--systems bare,pipeline] [--help]
+                                          [--broker tansu|kafka] [--profile]
+                                          [--systems bare,pipeline] [--help]
 
-One fresh Tansu (the dev broker) per store. The same events (an identify per
+One fresh broker per store and phase: Tansu (the dev broker, the default), or with
+`--broker kafka` Apache Kafka (`omnicue.kafka_broker`; needs Java 17+), where the
+workers run as in production, without the dev-broker workarounds
+(`OMNICUE_DEV_BROKER=false`: normal producer batching, faust's own fetch wait).
+The same events (an identify per
 customer first, then product.viewed / cart.item_added) are pre-produced to an input
 topic per system. Each worker then starts on that backlog, and its sustained rate is
 taken from the outputs between 10% and 90% of the expected count, which leaves out
@@ -22,6 +27,8 @@ CPU use of the worker, the broker, the bench and of everything else on the machi
 is recorded: with 2 cores, anyone else's test run makes the figures unreliable, and
 the report says so. Results: a table on stdout and bench/results/latest.json. Every
 child (broker, workers, py-spy) is stopped on exit, error, Ctrl-C or SIGTERM.
+Results of a Kafka run go to bench/results/latest-kafka.json instead, so the two
+brokers' figures are never mixed up.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench import bare_agent, profile, workload
 from bench.profile import Profiler
+from omnicue.kafka_broker import KAFKA_VERSION, JavaNotFound, KafkaBroker, find_java
 from omnicue.services import ManagedProcess, ServiceError, TansuBroker, free_port
 from omnicue.settings import Settings
 from omnicue.topics import create_topics
@@ -61,6 +69,11 @@ from schemas.topics import ACTIONS, EVENTS
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 STORES = {"memory": "memory://", "rocksdb": "rocksdb://"}
+BROKERS = ("tansu", "kafka")
+# A JVM start plus KRaft's first controller election, on a machine the bench keeps busy.
+KAFKA_START_TIMEOUT = 90.0
+# Kafka's shutdown (controlled, then the log flush) takes seconds, Tansu's none.
+KAFKA_STOP_TIMEOUT = 30.0
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -333,7 +346,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.args = args
         self.workdir = workdir
-        self.broker: TansuBroker | None = None
+        self.broker: TansuBroker | KafkaBroker | None = None
         self.children: list[ManagedProcess] = []
         # What was measured so far: a failure in a later phase still reports these.
         self.runs: list[ThroughputRun] = []
@@ -346,7 +359,7 @@ class Bench:
         (self.workdir / self.phase).mkdir(parents=True, exist_ok=True)
         return Settings(
             broker=self.broker.url,
-            dev_broker=True,
+            dev_broker=self.args.broker == "tansu",
             partitions=self.args.partitions,
             store=STORES[store],
             # Per phase: a RocksDB store remembers changelog offsets of the previous
@@ -364,7 +377,8 @@ class Bench:
             proc.stop()
         self.children.clear()
         if self.broker is not None:
-            self.broker.stop()
+            kafka = isinstance(self.broker, KafkaBroker)
+            self.broker.stop(timeout=KAFKA_STOP_TIMEOUT if kafka else 10.0)
 
     def run(self) -> dict[str, Any]:
         args = self.args
@@ -417,11 +431,20 @@ class Bench:
         }
 
     def fresh_broker(self, name: str, backlog: list[workload.Event]) -> None:
-        """A new Tansu with every topic created and `backlog` in both input topics."""
+        """A new broker with every topic created and `backlog` in both input topics."""
         self.phase = name
-        self.broker = TansuBroker(free_port(), log_path=self.workdir / f"tansu-{name}.log")
-        self.broker.start()
-        log(f"{name}: tansu on {self.broker.bootstrap_server} (logs in {self.workdir})")
+        kind = self.args.broker
+        log_path = self.workdir / f"{kind}-{name}.log"
+        if kind == "kafka":
+            # In the work dir, so a failed run keeps the broker's data beside its log.
+            self.broker = KafkaBroker(
+                free_port(), log_path=log_path, data_dir=self.workdir / f"kafka-{name}-data"
+            )
+            self.broker.start(timeout=KAFKA_START_TIMEOUT)
+        else:
+            self.broker = TansuBroker(free_port(), log_path=log_path)
+            self.broker.start()
+        log(f"{name}: {kind} on {self.broker.bootstrap_server} (logs in {self.workdir})")
         create_topics(
             self.settings("memory", "admin"), [bare_agent.INPUT_TOPIC, bare_agent.OUTPUT_TOPIC]
         )
@@ -742,13 +765,19 @@ def print_report(result: dict[str, Any]) -> None:
         f"faust {m['faust']}, commit {m['commit']}"
     )
     c = result["config"]
+    broker = (
+        f"Apache Kafka {c['broker_version']}"
+        if c["broker"] == "kafka"
+        else "dev broker Tansu (producer_max_batch_size=1)"
+    )
     print(
         f"workload: {c['customers']} identify + {c['events']} trigger events, "
-        f"{c['partitions']} partitions, dev broker (producer_max_batch_size=1)"
+        f"{c['partitions']} partitions, {broker}"
     )
     print()
+    cpu_broker = f"cpu {c['broker']}"
     header = f"{'system':<10}{'store':<9}{'events/s':>10}{'(recv)':>9}{'startup s':>11}"
-    header += f"{'total s':>9}{'dup':>6}{'cpu worker':>12}{'cpu tansu':>11}{'cpu others':>12}"
+    header += f"{'total s':>9}{'dup':>6}{'cpu worker':>12}{cpu_broker:>11}{'cpu others':>12}"
     print(header)
     print("-" * len(header))
     for r in result["runs"]:
@@ -825,6 +854,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--customers", type=int, default=2_000)
     parser.add_argument("--partitions", type=int, default=8)
     parser.add_argument("--store", choices=[*STORES, "both"], default="memory")
+    parser.add_argument(
+        "--broker",
+        choices=BROKERS,
+        default="tansu",
+        help="tansu: the dev broker; kafka: Apache Kafka, as in production (needs Java 17+)",
+    )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument(
         "--systems",
@@ -860,16 +895,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="py-spy each worker; raw stacks and summaries go to bench/results/",
     )
-    parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="default: bench/results/latest.json, or latest-kafka.json with --broker kafka",
+    )
     parser.add_argument(
         "--keep-logs", action="store_true", help="keep the work dir (logs) even on success"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.output is None:
+        args.output = RESULTS / ("latest-kafka.json" if args.broker == "kafka" else "latest.json")
+    return args
 
 
 def check_workload(args: argparse.Namespace) -> None:
     per_partition = (args.events + args.customers) / args.partitions
-    if per_partition > 8_000:
+    if args.broker == "tansu" and per_partition > 8_000:
         # Measured: Tansu's fetches slow down sharply past ~10k single-record batches
         # in one partition (the workers write one record per batch on it).
         log(
@@ -886,6 +929,13 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     args.worker_env = parse_env(args.worker_env)
+    if args.broker == "kafka":
+        # Before anything starts: no work dir, no half-run to clean up.
+        try:
+            find_java()
+        except JavaNotFound as exc:
+            print(f"bench: {exc}", file=sys.stderr)
+            return 1
     check_workload(args)
     before = machine_cpu_seconds()
     time.sleep(1.0)
@@ -920,6 +970,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "customers": args.customers,
                 "partitions": args.partitions,
                 "stores": args.store,
+                "broker": args.broker,
+                "broker_version": KAFKA_VERSION if args.broker == "kafka" else None,
                 "seed": args.seed,
                 "latency_seconds": args.latency_seconds,
                 "latency_share": args.latency_share,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
@@ -128,11 +128,18 @@ def simulate(
 def dev(
     simulate: Annotated[bool, typer.Option("--simulate/--no-simulate")] = True,
     rules: Annotated[Path | None, typer.Option(help="Rules file (default: demo rules)")] = None,
+    broker: Annotated[
+        Literal["tansu", "kafka"],
+        typer.Option(
+            help="tansu: embedded, needs only Python; kafka: Apache Kafka, as in "
+            "production (needs Java 17+, and Maven once to fetch its jars)"
+        ),
+    ] = "tansu",
 ) -> None:
     """Run everything locally: broker, Redis, worker, senders and a simulator."""
     from omnicue.dev import run_dev
 
-    raise typer.Exit(run_dev(rules=rules, simulate=simulate))
+    raise typer.Exit(run_dev(rules=rules, simulate=simulate, broker=broker))
 
 
 @app.command()

@@ -1,6 +1,9 @@
 """`omnicue dev`: the whole pipeline on one machine, for a newcomer's first run.
 
-Broker (Tansu, in memory) and Redis run from pip-installed binaries; the worker,
+Broker (Tansu, in memory) and Redis run from pip-installed binaries; with
+`--broker kafka` the broker is Apache Kafka instead (`omnicue.kafka_broker`: Java,
+and Maven once to fetch its jars), so the stack runs without the Tansu workarounds
+(`Settings.dev_broker`) the way production does. The worker,
 the console senders and the simulator run as child processes of this one, each in
 a session of its own (see `omnicue.services`), so a Ctrl-C reaches only us and we
 stop everything in order: producers first, the infrastructure last.
@@ -25,14 +28,30 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
+from typing import Literal
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from omnicue.kafka_broker import (
+    KAFKA_VERSION,
+    STAMP_NAME,
+    JavaNotFound,
+    KafkaBroker,
+    find_java,
+    kafka_cache_root,
+    kafka_jars,
+)
 from omnicue.services import ManagedProcess, RedisServer, ServiceError, TansuBroker, free_port
 from omnicue.settings import Settings
 from schemas.topics import ACTION_CHANNELS
 
+# "tansu" needs only Python; "kafka" is what production runs, and needs Java.
+BrokerKind = Literal["tansu", "kafka"]
 BROKER_PORT = 9092
+# A JVM start plus KRaft's first controller election; a cold 2-core laptop is slow.
+KAFKA_START_TIMEOUT = 90.0
+# Kafka's shutdown (controlled, then the log flush) takes seconds, Tansu's none.
+KAFKA_STOP_TIMEOUT = 30.0
 REDIS_PORT = 6379
 WEB_PORT = 6066
 # The first Faust group join on Tansu takes a few seconds; a cold laptop (imports,
@@ -232,7 +251,7 @@ def render_screen(snap: Snapshot, before: Snapshot | None, uptime: float, stack:
     lines = [
         f"omnicue dev  up {_uptime(uptime)}  (Ctrl-C stops everything)",
         "",
-        f"broker   {stack.broker_url}",
+        f"broker   {stack.broker_url} ({stack.broker_name})",
         f"redis    {stack.redis_url}",
         f"worker   {stack.metrics_url}",
         f"logs     {stack.run_dir}",
@@ -261,7 +280,8 @@ class DevStack:
     run_dir: Path
     rules: Path
     simulate: bool
-    broker: TansuBroker | None = None
+    broker_kind: BrokerKind = "tansu"
+    broker: TansuBroker | KafkaBroker | None = None
     redis: RedisServer | None = None
     worker: ManagedProcess | None = None
     senders: list[ManagedProcess] = field(default_factory=list)
@@ -272,6 +292,16 @@ class DevStack:
     @property
     def broker_url(self) -> str:
         return f"kafka://127.0.0.1:{BROKER_PORT}"
+
+    @property
+    def broker_name(self) -> str:
+        """Which broker runs, for the ready line and the summary screen."""
+        return f"Apache Kafka {KAFKA_VERSION}" if self.broker_kind == "kafka" else "Tansu, embedded"
+
+    @property
+    def dev_broker(self) -> bool:
+        """Whether the workers need the Tansu workarounds (`Settings.dev_broker`)."""
+        return self.broker_kind == "tansu"
 
     @property
     def redis_url(self) -> str:
@@ -303,7 +333,7 @@ class DevStack:
         env.update(
             OMNICUE_BROKER=self.broker_url,
             OMNICUE_REDIS_URL=self.redis.url,
-            OMNICUE_DEV_BROKER="true",
+            OMNICUE_DEV_BROKER="true" if self.dev_broker else "false",
             OMNICUE_RULES=str(self.rules),
             # RocksDB like production, unless the developer asked for another store.
             OMNICUE_STORE=os.environ.get("OMNICUE_STORE", "rocksdb://"),
@@ -332,9 +362,17 @@ class DevStack:
     def start(self) -> None:
         from omnicue.topics import create_topics
 
-        self.broker = TansuBroker(BROKER_PORT, log_path=self.run_dir / "broker.log")
-        self.broker.start(timeout=30)
-        _say(f"started broker {self.broker.url} (pid {self.broker.pid})")
+        log_path = self.run_dir / "broker.log"
+        if self.broker_kind == "kafka":
+            # In the run directory beside its log; a fresh cluster each run.
+            self.broker = KafkaBroker(
+                BROKER_PORT, log_path=log_path, data_dir=self.run_dir / "broker-data"
+            )
+            self.broker.start(timeout=KAFKA_START_TIMEOUT)
+        else:
+            self.broker = TansuBroker(BROKER_PORT, log_path=log_path)
+            self.broker.start(timeout=30)
+        _say(f"started broker {self.broker.url} (pid {self.broker.pid}): {self.broker_name}")
 
         redis_port = _port_or_free(REDIS_PORT)
         if redis_port != REDIS_PORT:
@@ -347,7 +385,7 @@ class DevStack:
         settings = Settings(
             broker=self.broker_url,
             redis_url=self.redis.url,
-            dev_broker=True,
+            dev_broker=self.dev_broker,
             data_dir=self.run_dir / "worker-data",
             web_port=self.web_port,
         )
@@ -419,11 +457,14 @@ class DevStack:
         if self.redis is not None:
             self._stop(self.redis, 10)
         if self.broker is not None:
-            self._stop(self.broker, 10)
+            kafka = isinstance(self.broker, KafkaBroker)
+            self._stop(self.broker, KAFKA_STOP_TIMEOUT if kafka else 10)
         if not any(p.running for p in self.children()):
-            # The tables' changelogs lived in the in-memory broker, so this state can
-            # never be used again; only the logs are worth keeping.
+            # The tables' changelogs lived in this run's broker (in memory, or a Kafka
+            # cluster no later run starts again), so this state can never be used
+            # again; only the logs are worth keeping.
             shutil.rmtree(self.run_dir / "worker-data", ignore_errors=True)
+            shutil.rmtree(self.run_dir / "broker-data", ignore_errors=True)
 
     @staticmethod
     def _stop(proc: ManagedProcess, timeout: float) -> None:
@@ -479,7 +520,38 @@ def _signals_interrupt() -> Iterator[Callable[[], None]]:
             signal.signal(sig, handler)
 
 
-def run_dev(rules: Path | None, simulate: bool) -> int:
+def _kafka_missing() -> str | None:
+    """What Apache Kafka lacks on this machine (Java), said as how to get it; None if
+    nothing does. Checked before anything starts, so a missing JVM leaves no
+    half-started stack and no run directory behind."""
+    try:
+        find_java()
+    except JavaNotFound as exc:
+        return f"{exc}. `omnicue dev --broker tansu` (the default) needs only Python."
+    return None
+
+
+def _ensure_kafka_jars() -> str | None:
+    """Resolve the broker's jars now, if the cache lacks them; an error message if
+    that fails (no Maven, say). Before the run starts: it can take a minute."""
+    # Without mvn, kafka_jars() says how to get it; a "fetching" first would mislead.
+    if not (kafka_cache_root() / KAFKA_VERSION / STAMP_NAME).is_file() and shutil.which("mvn"):
+        _say(
+            f"omnicue dev: fetching Apache Kafka {KAFKA_VERSION}'s jars with Maven into "
+            f"{kafka_cache_root()} (first use only; about a minute)"
+        )
+    try:
+        kafka_jars(KAFKA_VERSION)
+    except ServiceError as exc:
+        return str(exc)
+    except KeyboardInterrupt:
+        # Before our signal handlers: a Ctrl-C here would end in a traceback otherwise.
+        # The launcher drops the half-resolved jars itself; the next run starts over.
+        return "interrupted while fetching Apache Kafka's jars; nothing was started"
+    return None
+
+
+def run_dev(rules: Path | None, simulate: bool, broker: BrokerKind = "tansu") -> int:
     """Start the stack, show the live summary until a signal; 0 on a clean stop."""
     from omnicue.rules import load_rules, packaged_rules_path
     from schemas.rules import RulesError
@@ -491,6 +563,10 @@ def run_dev(rules: Path | None, simulate: bool) -> int:
         _say(str(exc), err=True)
         return 2
 
+    if broker == "kafka" and (missing := _kafka_missing()) is not None:
+        _say(f"omnicue dev: {missing}", err=True)
+        return 1
+
     if _port_in_use(BROKER_PORT):
         _say(
             f"omnicue dev: port {BROKER_PORT} is already in use, and the dev broker needs "
@@ -500,8 +576,12 @@ def run_dev(rules: Path | None, simulate: bool) -> int:
         )
         return 1
 
+    if broker == "kafka" and (failed := _ensure_kafka_jars()) is not None:
+        _say(f"omnicue dev: {failed}", err=True)
+        return 1
+
     run_dir = _new_run_dir(Path(".omnicue/dev")).resolve()
-    stack = DevStack(run_dir=run_dir, rules=rules_path, simulate=simulate)
+    stack = DevStack(run_dir=run_dir, rules=rules_path, simulate=simulate, broker_kind=broker)
     _say(f"omnicue dev: logs in {stack.run_dir}")
     _say(f"rules {rules_path}: {', '.join(r.id for r in ruleset.rules)}")
     started = time.monotonic()
@@ -511,7 +591,7 @@ def run_dev(rules: Path | None, simulate: bool) -> int:
             stack.start()
             _say(
                 f"omnicue dev ready in {time.monotonic() - started:.1f}s: "
-                f"broker {stack.broker_url}, redis {stack.redis_url}, "
+                f"broker {stack.broker_url} ({stack.broker_name}), redis {stack.redis_url}, "
                 f"worker metrics {stack.metrics_url}, logs {stack.run_dir}"
             )
             _summary_loop(stack, started)
