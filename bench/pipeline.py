@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python -m bench.pipeline [--events 30000] [--store memory|rocksdb|both]
                                           [--broker tansu|kafka] [--profile]
-                                          [--systems bare,pipeline] [--help]
+                                          [--systems bare,passthrough,pipeline] [--help]
 
 One fresh broker per store and phase: Tansu (the dev broker, the default), or with
 `--broker kafka` Apache Kafka (`omnicue.kafka_broker`; needs Java 17+), where the
@@ -22,6 +22,11 @@ each worker again, warmed up, then events at a steady rate (by default half of i
 measured rate) stamped `occurred_at` = now; latency = when the bench consumes the
 output - `occurred_at`. For the pipeline the action's own clocks split it into
 stages. Both systems get this, so the pipeline's figures have a baseline.
+
+A third system, `passthrough` (bench/passthrough.py), is the physical limit for a
+Python worker: a bare aiokafka loop that consumes a batch, produces it unchanged to
+another topic and commits, with no Faust and no processing. Its rate is measured
+on the same backlog; it has no latency phase.
 
 CPU use of the worker, the broker, the bench and of everything else on the machine
 is recorded: with 2 cores, anyone else's test run makes the figures unreliable, and
@@ -58,7 +63,7 @@ import orjson
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench import bare_agent, profile, workload
+from bench import bare_agent, passthrough, profile, workload
 from bench.profile import Profiler
 from omnicue.kafka_broker import KAFKA_VERSION, JavaNotFound, KafkaBroker, find_java
 from omnicue.services import ManagedProcess, ServiceError, TansuBroker, free_port
@@ -140,6 +145,7 @@ class LatencyRun:
     p50_ms: float
     p90_ms: float
     p99_ms: float
+    p999_ms: float
     max_ms: float
     # The worker's own histogram (due time -> emission), bucket upper bounds.
     worker_p50_le_s: float | None
@@ -385,7 +391,7 @@ class Bench:
         events = workload.generate(args.events, args.customers, seed=args.seed)
         identifies = [e for e in events if not e.triggers]
         stores = ["memory", "rocksdb"] if args.store == "both" else [args.store]
-        systems = [s for s in ("bare", "pipeline") if s in args.systems]
+        systems = [s for s in ("bare", "passthrough", "pipeline") if s in args.systems]
         runs, latencies = self.runs, self.latencies
         for store in stores:
             # A fresh broker per phase: the output topics (fixed names in the pipeline)
@@ -393,7 +399,7 @@ class Bench:
             self.fresh_broker(f"throughput-{store}", events)
             for system in systems:
                 worker, reader, settings = self.worker(system, store)
-                expected = {e.event_id for e in events if system == "bare" or e.triggers}
+                expected = {e.event_id for e in events if system != "pipeline" or e.triggers}
                 try:
                     run = self.throughput(system, store, worker, reader, len(events), expected)
                     if system == "pipeline":
@@ -411,6 +417,8 @@ class Bench:
             # partition), which would measure the broker's backlog, not the workers.
             self.fresh_broker(f"latency-{store}", identifies)
             for run in runs[-len(systems) :]:
+                if run.system == "passthrough":
+                    continue  # no web port, no metrics: a limit, not a system to tune
                 worker, reader, settings = self.worker(run.system, store)
                 try:
                     self.start(worker)
@@ -446,7 +454,8 @@ class Bench:
             self.broker.start()
         log(f"{name}: {kind} on {self.broker.bootstrap_server} (logs in {self.workdir})")
         create_topics(
-            self.settings("memory", "admin"), [bare_agent.INPUT_TOPIC, bare_agent.OUTPUT_TOPIC]
+            self.settings("memory", "admin"),
+            [bare_agent.INPUT_TOPIC, bare_agent.OUTPUT_TOPIC, passthrough.OUTPUT_TOPIC],
         )
         for topic in (bare_agent.INPUT_TOPIC, EVENTS):
             spent = produce(self.broker.bootstrap_server, topic, backlog)
@@ -463,6 +472,15 @@ class Bench:
                 "OMNICUE_APP_ID": f"{bare_agent.APP_ID}-{store}",
             }
             output, id_field = bare_agent.OUTPUT_TOPIC, "event_id"
+        elif system == "passthrough":
+            # The same input as the bare agent, read by a group of its own.
+            args = [sys.executable, "-m", "bench.passthrough"]
+            extra = {
+                "BENCH_INPUT_TOPIC": bare_agent.INPUT_TOPIC,
+                "BENCH_OUTPUT_TOPIC": passthrough.OUTPUT_TOPIC,
+                "OMNICUE_APP_ID": f"{passthrough.APP_ID}-{store}",
+            }
+            output, id_field = passthrough.OUTPUT_TOPIC, "event_id"
         else:
             rules = self.workdir / "bench-rules.yaml"
             rules.write_text(workload.RULES_YAML, encoding="utf-8")
@@ -483,7 +501,7 @@ class Bench:
         """Wait until the worker answers events: its group join is not latency."""
         rng = random.Random(self.args.seed + 2)
         producer = KafkaProducer(bootstrap_servers=self.broker_address, linger_ms=5, acks=1)
-        topic = bare_agent.INPUT_TOPIC if system == "bare" else EVENTS
+        topic = EVENTS if system == "pipeline" else bare_agent.INPUT_TOPIC
         try:
             # Customers spread over every partition, so each one has been fetched once.
             warm = [
@@ -584,7 +602,7 @@ class Bench:
         settings: Settings,
         measured_rate: float,
     ) -> LatencyRun:
-        input_topic = bare_agent.INPUT_TOPIC if system == "bare" else EVENTS
+        input_topic = EVENTS if system == "pipeline" else bare_agent.INPUT_TOPIC
         rate = self.args.latency_rate or max(1.0, measured_rate * self.args.latency_share)
         count = int(rate * self.args.latency_seconds)
         rng = random.Random(self.args.seed + 1)
@@ -680,6 +698,7 @@ class Bench:
             p50_ms=round(quantile(lat_ms, 0.50), 1),
             p90_ms=round(quantile(lat_ms, 0.90), 1),
             p99_ms=round(quantile(lat_ms, 0.99), 1),
+            p999_ms=round(quantile(lat_ms, 0.999), 1),
             max_ms=round(lat_ms[-1], 1) if lat_ms else float("nan"),
             worker_p50_le_s=histogram_quantile(before, after, name, 0.50),
             worker_p99_le_s=histogram_quantile(before, after, name, 0.99),
@@ -797,6 +816,7 @@ def print_report(result: dict[str, Any]) -> None:
     runs = {(r["system"], r["store"]): r for r in result["runs"]}
     for store in dict.fromkeys(r["store"] for r in result["runs"]):
         bare, pipe = runs.get(("bare", store)), runs.get(("pipeline", store))
+        limit = runs.get(("passthrough", store))
         lb, lp = lats.get(("bare", store)), lats.get(("pipeline", store))
 
         def cell(row: dict[str, Any] | None, key: str) -> str:
@@ -808,6 +828,12 @@ def print_report(result: dict[str, Any]) -> None:
             f"  events/s (backlog)   {cell(bare, 'rate')}{cell(pipe, 'rate')}"
             f"{(f'{ratio:.2f}' if ratio else '-'):>8}"
         )
+        if limit:
+            share = result["summary"]["ratio_pipeline_over_passthrough"].get(store)
+            print(
+                f"  passthrough limit    {cell(limit, 'rate')}"
+                f"  (pipeline/passthrough {f'{share:.2f}' if share else '-'})"
+            )
         print(f"  live load events/s   {cell(lb, 'produce_rate')}{cell(lp, 'produce_rate')}")
         print(f"  outputs/s under it   {cell(lb, 'output_rate')}{cell(lp, 'output_rate')}")
         print(f"  latency p50 ms       {cell(lb, 'p50_ms')}{cell(lp, 'p50_ms')}")
@@ -821,7 +847,8 @@ def print_report(result: dict[str, Any]) -> None:
             f" outputs sent at {lat['output_rate']:.0f}/s"
             f" ({'keeps up' if keeps_up else 'FALLS BEHIND'})\n"
             f"  event -> output consumed: p50 {lat['p50_ms']:.0f} ms, p90 {lat['p90_ms']:.0f} ms,"
-            f" p99 {lat['p99_ms']:.0f} ms, max {lat['max_ms']:.0f} ms, missing {lat['missing']}\n"
+            f" p99 {lat['p99_ms']:.0f} ms, p99.9 {lat.get('p999_ms', float('nan')):.0f} ms,"
+            f" max {lat['max_ms']:.0f} ms, missing {lat['missing']}\n"
             f"  p50 by stage (ms): {stages}\n"
             f"  p50 by second of load (ms): {lat['p50_ms_by_second']}\n"
             f"  worker histogram (due -> emitted): p50 <= {lat['worker_p50_le_s']} s,"
@@ -832,12 +859,14 @@ def print_report(result: dict[str, Any]) -> None:
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     by = {(r["system"], r["store"]): r for r in runs}
-    ratios = {}
+    ratios, shares = {}, {}
     for (system, store), run in by.items():
-        bare = by.get(("bare", store))
+        bare, limit = by.get(("bare", store)), by.get(("passthrough", store))
         if system == "pipeline" and bare:
             ratios[store] = round(run["rate"] / bare["rate"], 3)
-    return {"ratio_pipeline_over_bare": ratios}
+        if system == "pipeline" and limit:
+            shares[store] = round(run["rate"] / limit["rate"], 3)
+    return {"ratio_pipeline_over_bare": ratios, "ratio_pipeline_over_passthrough": shares}
 
 
 def log(message: str) -> None:
@@ -864,8 +893,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--systems",
         type=lambda v: set(v.split(",")),
-        default={"bare", "pipeline"},
-        help="comma-separated subset of bare,pipeline",
+        default={"bare", "passthrough", "pipeline"},
+        help="comma-separated subset of bare,passthrough,pipeline",
     )
     parser.add_argument("--latency-seconds", type=float, default=15.0, help="0: skip")
     parser.add_argument(
