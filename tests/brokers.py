@@ -33,6 +33,13 @@ def _java_missing() -> str | None:
     return None
 
 
+def skip_without_java(broker: str) -> None:
+    """Skip a Kafka run where there is no Java, except in CI (where it must fail)."""
+    missing = None if broker != "kafka" or in_ci() else _java_missing()
+    if missing:
+        pytest.skip(f"Apache Kafka: {missing}")
+
+
 def broker_params() -> list[Any]:
     """`params=` for a broker fixture: ids `tansu` and `kafka`."""
     missing = None if in_ci() else _java_missing()

@@ -9,7 +9,6 @@ passes by skipping it.
 from __future__ import annotations
 
 import json
-import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,9 +16,10 @@ import pytest
 
 from bench import pipeline, profile, workload
 from omnicue import services
-from omnicue.kafka_broker import JAVA_MISSING, KAFKA_VERSION, JavaNotFound, find_java
+from omnicue.kafka_broker import JAVA_MISSING, KAFKA_VERSION
 from omnicue.rules import parse_rules_text
 from schemas.events import parse_event
+from tests.brokers import skip_without_java
 from triggers.engine import EnginePolicy, decide
 from triggers.ruleset import compile_rules
 
@@ -99,23 +99,12 @@ def test_profile_summary_counts_own_and_inclusive_samples(tmp_path: Path) -> Non
     assert "100.0%  main (app.py:1)" in text
 
 
-def _skip_without_java(broker: str) -> None:
-    if broker != "kafka" or os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
-        return
-    try:
-        find_java()
-    except JavaNotFound:
-        pytest.skip(
-            "no Java 17+ on PATH or JAVA_HOME for Apache Kafka (install openjdk-17-jre-headless)"
-        )
-
-
 @pytest.mark.e2e
 @pytest.mark.parametrize("broker", pipeline.BROKERS)
 def test_tiny_bench_run_measures_every_system_and_leaves_nothing_running(
     tmp_path: Path, broker: str
 ) -> None:
-    _skip_without_java(broker)
+    skip_without_java(broker)
     output = tmp_path / "result.json"
     # Services of other tests (session fixtures) may still run; the bench's must not.
     running_before = set(services._live)

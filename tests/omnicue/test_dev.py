@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from omnicue.dev import Snapshot, parse_worker_metrics, render_line
-from omnicue.kafka_broker import JAVA_MISSING, KAFKA_VERSION, JavaNotFound, find_java
+from omnicue.kafka_broker import JAVA_MISSING, KAFKA_VERSION
+from tests.brokers import skip_without_java
 
 REPO = Path(__file__).resolve().parents[2]
 # Kafka adds its JVM start (about 5 s here) to the stack's; the group joins are as quick.
@@ -34,21 +35,6 @@ BROKERS = ("tansu", "kafka")
 # What the ready line says runs, after the broker's address.
 BROKER_NAMES = {"tansu": "Tansu, embedded", "kafka": f"Apache Kafka {KAFKA_VERSION}"}
 READY_LINE = r"ready in .*broker (\S+) \(([^)]+)\), redis (\S+), worker metrics (\S+), logs (\S+)$"
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
-
-
-def _skip_without_java(broker: str) -> None:
-    if broker != "kafka" or _in_ci():
-        return
-    try:
-        find_java()
-    except JavaNotFound:
-        pytest.skip(
-            "no Java 17+ on PATH or JAVA_HOME for Apache Kafka (install openjdk-17-jre-headless)"
-        )
 
 
 def _port_taken(port: int) -> bool:
@@ -167,7 +153,7 @@ def broker() -> str:
 def dev_process(
     tmp_path: Path, dev_args: list[str], broker: str
 ) -> Iterator[tuple[subprocess.Popen[str], Output]]:
-    _skip_without_java(broker)
+    skip_without_java(broker)
     if _port_taken(9092):
         pytest.skip("port 9092 is in use; `omnicue dev` needs it for its broker")
     proc = subprocess.Popen(
@@ -268,7 +254,7 @@ def test_dev_stops_everything_when_a_child_dies(
 
 @pytest.mark.parametrize("broker", BROKERS)
 def test_dev_refuses_a_taken_broker_port(tmp_path: Path, broker: str) -> None:
-    _skip_without_java(broker)
+    skip_without_java(broker)
     if _port_taken(9092):
         pytest.skip("port 9092 is in use by something else already")
     with socket.socket() as squatter:
