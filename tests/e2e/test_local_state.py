@@ -17,13 +17,13 @@ from faust.types import TP
 from faust.types.transports import ConsumerT
 
 from omnicue.producer import EventProducer
-from omnicue.services import TansuBroker, free_port
 from omnicue.settings import Settings
 from schemas import topics
 from streams.app import faust_app
 from streams.stores import StateCacheRecovery, StateCacheTableManager
 from streams.tables import declare_customer_table
 from streams.topics import partition_for
+from tests.brokers import Broker, broker_kind, start_broker
 from tests.e2e.conftest import write_rules
 from tests.e2e.harness import TopicReader, scrape, start_worker, wait_for_metric
 from tests.factories import event_dict
@@ -68,7 +68,7 @@ def send_cart_journey(settings: Settings, customer: str) -> None:
 
 @pytest.mark.parametrize("store", ["rocksdb://", "memory://"])
 def test_worker_restarted_against_a_fresh_broker_restores_from_the_changelog(
-    make_settings: Callable[..., Settings], tmp_path: Path, store: str
+    make_settings: Callable[..., Settings], e2e_broker: Broker, tmp_path: Path, store: str
 ) -> None:
     rules = write_rules(tmp_path, "2s", "30m")
     data_dir = tmp_path / "data"
@@ -89,7 +89,8 @@ def test_worker_restarted_against_a_fresh_broker_restores_from_the_changelog(
     stale = sorted(data_dir.glob(f"**/customers-{partition}.db"))
     assert bool(stale) == (store == "rocksdb://"), stale
 
-    with TansuBroker(free_port(), log_path=tmp_path / "fresh-tansu.log") as fresh:
+    # A fresh broker of the same kind (Tansu, or Apache Kafka run as in production).
+    with start_broker(broker_kind(e2e_broker), tmp_path / "fresh-broker") as fresh:
         settings = make_settings(
             rules=rules, store=store, data_dir=data_dir, app_id=first.app_id, broker=fresh.url
         )
