@@ -7,10 +7,11 @@ original key and bytes, and the reason in headers.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, cast
 
 from faust import Stream
-from faust.types import EventT, StreamT
+from faust.types import EventT, Message, StreamT
 from pydantic import ValidationError
 
 from schemas.events import (
@@ -26,6 +27,10 @@ if TYPE_CHECKING:
     from streams.app import Pipeline
 
 log = logging.getLogger(__name__)
+
+# Set by `omnicue dlq replay`; kept on the way through, so a replayed record that
+# fails again returns to the dead-letter topic with its attempt count.
+ATTEMPT_HEADER = "omnicue.dlq.attempt"
 
 
 def register_ingest_agent(p: Pipeline) -> None:
@@ -57,11 +62,23 @@ def route_event(p: Pipeline, event: EventT[bytes], outbox: Outbox) -> None:
     p.metrics.events_consumed.labels(type=parsed.type).inc()
     # Identity stitching will replace this lookup; the repartition by key stays.
     key = resolve_customer_key(parsed)
-    outbox.add(p.topics.customer_inputs, key.encode(), event_to_json(parsed))
+    outbox.add(
+        p.topics.customer_inputs,
+        key.encode(),
+        event_to_json(parsed),
+        headers=carried_headers(message) or None,
+    )
 
 
 def resolve_customer_key(event: Event) -> str:
     return customer_key(event)
+
+
+def carried_headers(message: Message) -> list[tuple[str, bytes]]:
+    """The input's headers that travel on with it: the replay attempt count."""
+    raw = message.headers or ()
+    pairs = raw.items() if isinstance(raw, Mapping) else raw
+    return [(name, value) for name, value in pairs if name == ATTEMPT_HEADER]
 
 
 def _is_json_error(exc: ValidationError) -> bool:
@@ -85,5 +102,6 @@ def dead_letter(
         ("omnicue.source.topic", source.topic.encode()),
         ("omnicue.source.partition", str(source.partition).encode()),
         ("omnicue.source.offset", str(source.offset).encode()),
+        *carried_headers(source),
     ]
     outbox.add(p.topics.dead_letters, source.key, source.value, headers=headers)

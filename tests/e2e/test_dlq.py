@@ -208,10 +208,6 @@ def test_a_second_replay_takes_only_the_letters_that_came_back(run: dict[str, An
     assert "skipped 3 (already replayed 3)" in run["again"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="streams/ingest.py dead_letter does not copy omnicue.dlq.attempt from the input",
-)
 def test_a_letter_that_fails_again_carries_its_attempt_count(run: dict[str, Any]) -> None:
     returned = dead(run["reader"].records)[len(run["first"]) :]
     assert {r.key: r.headers.get(ATTEMPT_HEADER) for r in returned} == {
