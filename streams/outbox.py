@@ -36,16 +36,22 @@ class RecordSender(Service):
         self._producer: AIOKafkaProducer | None = None
         super().__init__(**kwargs)
 
-    async def on_start(self) -> None:
-        producer = AIOKafkaProducer(
+    def build_producer(self) -> AIOKafkaProducer:
+        return AIOKafkaProducer(
             bootstrap_servers=self._settings.bootstrap_servers,
             client_id=f"{self._settings.app_id}-records",
             acks="all",
+            # On Apache Kafka a retried batch is then never written twice or out of
+            # order; the dev broker (Tansu) rejects idempotent producers from aiokafka.
+            enable_idempotence=not self._settings.dev_broker,
             # No linger: the records of a processing batch are appended without
             # yielding to the event loop, so they leave together anyway.
             linger_ms=0,
             max_batch_size=256 * 1024,
         )
+
+    async def on_start(self) -> None:
+        producer = self.build_producer()
         await producer.start()
         self._producer = producer
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from omnicue.settings import Settings
 from streams.app import faust_app
+from streams.outbox import RecordSender
 
 
 def producer_settings(tmp_path: Path, dev_broker: bool) -> dict[str, object]:
@@ -37,3 +38,13 @@ def test_the_session_timeout_lets_a_dead_workers_partitions_move_within_seconds(
         Settings(data_dir=tmp_path, store="memory://", broker_session_timeout=30)
     ).conf
     assert custom.broker_session_timeout == 30.0
+
+
+
+async def test_the_pipelines_own_records_are_sent_idempotently_on_apache_kafka_only(
+    tmp_path: Path,
+) -> None:
+    for dev_broker, idempotent in [(False, True), (True, False)]:
+        settings = Settings(dev_broker=dev_broker, data_dir=tmp_path, store="memory://")
+        producer = RecordSender(settings).build_producer()
+        assert (producer._txn_manager is not None) is idempotent  # type: ignore[attr-defined]
