@@ -86,6 +86,12 @@ async def process_batch(p: Pipeline, batch: Sequence[EventT[bytes]]) -> None:
             try:
                 if isinstance(item, TimerFired):
                     p.metrics.timer_lateness.observe(max(0.0, (now - item.due_at).total_seconds()))
+                    # The timer task sent it only once the partition's horizon had
+                    # passed its due time, and timer inputs move no watermark: on a
+                    # partition without new events, the watermark's horizon alone would
+                    # evaluate nothing, and the customer, still due, be sent again at
+                    # every tick (a livelock under load, when the worker never catches up).
+                    horizon = max(horizon, item.due_at)
                 else:
                     run.due_steps(horizon, event.message.timestamp)
                 run.apply(item, horizon, event.message.timestamp)

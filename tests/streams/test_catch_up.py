@@ -205,3 +205,28 @@ async def test_a_timer_input_that_raises_is_retried_later_not_at_every_tick(
     assert state_of(shell, b"c").journeys["cart_abandonment|K"].next_step == 1
     assert shell.pipeline.schedule.due_at(b"c") == shell.now[0] + stage.TIMER_FAILURE_RETRY
     assert shell.pipeline.metrics.registry.get_sample_value("omnicue_timer_errors_total") == 1
+
+
+async def test_a_timer_input_fires_its_step_on_a_partition_that_is_behind_without_new_events(
+    shell: Shell,
+) -> None:
+    """The timer task sends a timer only once its partition's horizon has passed the
+    due time, but a timer input moves no watermark. On a partition whose events stopped
+    before the due time and that is never caught up (the timer task's own inputs keep
+    it behind, under load), the input must still evaluate the step it was sent for;
+    before, it evaluated nothing and the customer, still due, was sent again at every
+    tick."""
+    shell.pipeline.progress = Backlog().progress()  # behind, for good
+    agent = shell.pipeline.app.agents["omnicue.customers"]
+    async with agent.test_context() as customers:
+        for value in cart_journey("quiet"):
+            await customers.put(value, key=b"quiet")
+        await settle()
+        shell.now[0] = T0 + STEP + timedelta(milliseconds=200)
+        await customers.put(encode_timer(T0 + STEP), key=b"quiet")
+        await settle()
+    assert emails(shell) == [("quiet", 1)]
+    # The journey moved on: the schedule holds its next step, not a due time in the past.
+    assert state_of(shell, b"quiet").journeys["cart_abandonment|K"].next_step == 2
+    due = shell.pipeline.schedule.due_at(b"quiet")
+    assert due is None or due > shell.now[0]
