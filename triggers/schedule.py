@@ -19,6 +19,8 @@ class TimerSchedule:
         self._heaps: dict[int, list[tuple[datetime, bytes]]] = {}
         self._due: dict[bytes, datetime] = {}
         self._partition: dict[bytes, int] = {}
+        # While a rebuild is under way: the keys scheduled by `set_due` since it began.
+        self._written: set[bytes] | None = None
 
     def __len__(self) -> int:
         return len(self._due)
@@ -31,6 +33,27 @@ class TimerSchedule:
 
     def set_due(self, key: bytes, due_at: datetime | None, partition: int) -> None:
         """Schedule `key` at `due_at`, or unschedule it with None."""
+        if self._written is not None:
+            self._written.add(key)
+        self._set(key, due_at, partition)
+
+    def begin_rebuild(self) -> None:
+        """Start over from a scan of the stored state that runs while inputs are
+        processed: the scan adds what it reads with `rebuild_due`, and a key scheduled
+        with `set_due` meanwhile keeps that due time, which is newer than the stored
+        one the scan may still read (or have read) for it."""
+        self.clear()
+        self._written = set()
+
+    def rebuild_due(self, key: bytes, due_at: datetime | None, partition: int) -> None:
+        """The due time the rebuild's scan read for `key`, unless it was scheduled since."""
+        if self._written is None or key not in self._written:
+            self._set(key, due_at, partition)
+
+    def end_rebuild(self) -> None:
+        self._written = None
+
+    def _set(self, key: bytes, due_at: datetime | None, partition: int) -> None:
         if due_at is None:
             self._due.pop(key, None)
             self._partition.pop(key, None)
