@@ -125,6 +125,12 @@ class StoreVisitedProperties(Properties):
     store_id: NonEmpty
 
 
+class CustomProperties(Properties):
+    # The producer's own event name (a Segment `track` name such as "Video Played"):
+    # rules trigger on `custom` with `when: event.properties.name == "Video Played"`.
+    name: NonEmpty
+
+
 class MessageFeedbackProperties(Properties):
     action_id: NonEmpty
     reason: str | None = None
@@ -201,6 +207,13 @@ class StoreVisited(_Envelope):
     properties: StoreVisitedProperties
 
 
+class Custom(_Envelope):
+    """An event outside the contract's types, named by the producer."""
+
+    type: Literal["custom"]
+    properties: CustomProperties
+
+
 FeedbackType = Literal[
     "message.sent",
     "message.delivered",
@@ -230,6 +243,7 @@ Event: TypeAlias = Annotated[
     | OrderCompleted
     | OrderRefunded
     | StoreVisited
+    | Custom
     | MessageFeedback,
     Field(discriminator="type"),
 ]
@@ -246,6 +260,7 @@ EVENT_TYPES: tuple[str, ...] = (
     "order.completed",
     "order.refunded",
     "store.visited",
+    "custom",
     *FEEDBACK_TYPES,
 )
 
