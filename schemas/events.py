@@ -64,6 +64,12 @@ class IdentifyProperties(Properties):
     traits: Traits = Traits()
 
 
+class AliasProperties(Properties):
+    # The id this person was known by before: an anonymous id, or another customer id
+    # (the only way two known customers merge).
+    previous_id: NonEmpty
+
+
 class ConsentProperties(Properties):
     channel: ActionChannel
     category: Category
@@ -157,6 +163,19 @@ class Identify(_Envelope):
     properties: IdentifyProperties = IdentifyProperties()
 
 
+class Alias(_Envelope):
+    """`properties.previous_id` and the event's `customer_id` are one person."""
+
+    type: Literal["alias"]
+    properties: AliasProperties
+
+    @model_validator(mode="after")
+    def _needs_the_customer(self) -> Alias:
+        if self.customer_id is None:
+            raise ValueError("an alias needs the customer_id it links previous_id to")
+        return self
+
+
 class ConsentUpdated(_Envelope):
     type: Literal["consent.updated"]
     properties: ConsentProperties
@@ -233,6 +252,7 @@ class MessageFeedback(_Envelope):
 
 Event: TypeAlias = Annotated[
     Identify
+    | Alias
     | ConsentUpdated
     | DeviceRegistered
     | DeviceUnregistered
@@ -250,6 +270,7 @@ Event: TypeAlias = Annotated[
 
 EVENT_TYPES: tuple[str, ...] = (
     "identify",
+    "alias",
     "consent.updated",
     "device.registered",
     "device.unregistered",
