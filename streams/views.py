@@ -8,6 +8,7 @@ from faust.web import Request, Response, View
 
 from omnicue.metrics import CONTENT_TYPE
 from triggers.explain import explanation
+from triggers.profile import customer_profile
 from triggers.state import CustomerState
 
 if TYPE_CHECKING:
@@ -41,3 +42,17 @@ def register_views(p: Pipeline) -> None:
             return self.json(explanation(state, p.rules, p.clock()))
 
     p.app.page("/customers/{customer_id}/decisions")(CustomerDecisions)
+
+    class CustomerProfile(View):
+        """Everything known about one customer, contact points masked; answered by the
+        worker that owns the customer."""
+
+        @p.app.table_route(table=p.customers, match_info="customer_id")  # type: ignore[arg-type]
+        async def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+            customer_id: str = request.match_info["customer_id"]
+            raw = p.customers.get(customer_id.encode())
+            if raw is None:
+                return self.json({"error": f"no state for customer {customer_id!r}"}, status=404)
+            return self.json(customer_profile(CustomerState.model_validate_json(raw)))
+
+    p.app.page("/customers/{customer_id}")(CustomerProfile)
