@@ -133,8 +133,9 @@ class StoreVisitedProperties(Properties):
 
 class CustomProperties(Properties):
     # The producer's own event name (a Segment `track` name such as "Video Played"):
-    # rules trigger on `custom` with `when: event.properties.name == "Video Played"`.
-    name: NonEmpty
+    # rules trigger on `custom` with `when: event.properties.event == "Video Played"`.
+    # Not `name`: Segment events carry their own `name` property (a product's, a page's).
+    event: NonEmpty
 
 
 class MessageFeedbackProperties(Properties):
