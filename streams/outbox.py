@@ -19,6 +19,7 @@ import asyncio
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.structs import RecordMetadata
 from faust.types import TopicT
 from mode import Service
 
@@ -60,14 +61,15 @@ class RecordSender(Service):
         if producer is not None:
             await producer.stop()  # sends what is still queued
 
-    async def send_all(self, records: list[_Record]) -> None:
+    async def send_all(self, records: list[_Record]) -> list[RecordMetadata]:
+        """Send and await the records; where each one landed, in their order."""
         if self._producer is None:
             raise RuntimeError("the record sender is not started")
         deliveries = [
             await self._producer.send(topic, value, key=key, partition=partition, headers=headers)
             for topic, key, value, partition, headers in records
         ]
-        await asyncio.gather(*deliveries)
+        return list(await asyncio.gather(*deliveries))
 
 
 class Outbox:
@@ -92,7 +94,9 @@ class Outbox:
         # Without a partition, the producer picks murmur2(key), as Kafka clients do.
         self._records.append((topic.get_topic_name(), key, value, partition, headers))
 
-    async def flush(self) -> None:
+    async def flush(self) -> list[RecordMetadata]:
+        """Send what was added; where each record landed (the timer task waits on it)."""
         records, self._records = self._records, []
-        if records:
-            await self._sender.send_all(records)
+        if not records:
+            return []
+        return await self._sender.send_all(records)

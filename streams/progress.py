@@ -60,6 +60,10 @@ class Progress:
         if offset + 1 > self._next.get(tp, -1):
             self._next[tp] = offset + 1
 
+    def handled(self, tp: TP) -> int:
+        """The offset after the last record of `tp` handled (or committed) here."""
+        return max(self._next.get(tp, 0), self._committed(tp) or 0)
+
     def observe(self, partition: int, occurred_at: datetime) -> None:
         """An input of `partition` that occurred at `occurred_at` is being applied."""
         current = self._watermarks.get(partition)
@@ -99,8 +103,7 @@ class Progress:
         highwater = self._highwater(tp)
         if highwater is None:
             return False
-        handled = max(self._next.get(tp, 0), self._committed(tp) or 0)
-        return handled >= highwater
+        return self.handled(tp) >= highwater
 
 
 def consumer_progress(app: faust.App, events_topic: str, inputs_topic: str,

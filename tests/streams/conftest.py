@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 import pytest
+from aiokafka.structs import RecordMetadata, TopicPartition
 
 from omnicue.settings import Settings
 from schemas import topics
@@ -27,6 +28,7 @@ class CapturingSender(RecordSender):
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         self.records: list[tuple[str, bytes | None, bytes | None, int | None, Any]] = []
+        self.offsets: dict[tuple[str, int], int] = {}
 
     async def on_start(self) -> None:
         pass
@@ -34,8 +36,18 @@ class CapturingSender(RecordSender):
     async def on_stop(self) -> None:
         pass
 
-    async def send_all(self, records: list[Any]) -> None:
+    async def send_all(self, records: list[Any]) -> list[RecordMetadata]:
+        # Where each record would have landed: offsets counted per topic partition
+        # (-1 for a record the producer would have partitioned itself).
+        delivered = []
+        for topic, _, _, partition, _ in records:
+            at = (topic, -1 if partition is None else partition)
+            offset = self.offsets[at] = self.offsets.get(at, -1) + 1
+            delivered.append(
+                RecordMetadata(topic, at[1], TopicPartition(*at), offset, -1, 0, -1)
+            )
         self.records.extend(records)
+        return delivered
 
 
 @dataclass
