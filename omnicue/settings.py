@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -53,6 +53,17 @@ class Settings(BaseSettings):
     )
     sender_claim_ttl: int = Field(7 * 86_400, description="Seconds a sent action id is remembered")
     sender_metrics_port: int = Field(6067, description="Port of a sender's /metrics (0: off)")
+    sender_transport: Literal["console", "webhook"] = "console"
+    sender_url: str | None = Field(None, description="Webhook URL; `{channel}` is replaced")
+    sender_rate: float | None = Field(
+        None, gt=0, description="Sends per second per channel, shared by its senders (N/s)"
+    )
+    sender_timeout: float = Field(10.0, gt=0, description="Seconds per provider call")
+    # Longer than a provider call, so a live sender's lease never lapses mid-call; short,
+    # so a crashed sender's actions go out again soon.
+    sender_lease_ttl: float = Field(30.0, gt=0, description="Seconds a sending lease lasts")
+    sender_max_in_flight: int = Field(64, ge=1, description="Concurrent sends per process")
+    webhook_secret: SecretStr | None = Field(None, description="HMAC key of webhook bodies")
     log_level: str = "info"
 
     @field_validator("default_timezone")
@@ -63,6 +74,20 @@ class Settings(BaseSettings):
         except (ZoneInfoNotFoundError, ValueError) as exc:
             raise ValueError(f"unknown IANA timezone {value!r}") from exc
         return value
+
+    @field_validator("sender_rate", mode="before")
+    @classmethod
+    def _per_second(cls, value: Any) -> Any:
+        # `50/s`, as `--rate` takes it.
+        if isinstance(value, str) and value.strip().endswith("/s"):
+            return value.strip()[:-2]
+        return value
+
+    @model_validator(mode="after")
+    def _lease_outlasts_a_call(self) -> Settings:
+        if self.sender_lease_ttl <= self.sender_timeout:
+            raise ValueError("sender_lease_ttl must be longer than sender_timeout")
+        return self
 
     @property
     def canonical_url(self) -> str:
