@@ -1,4 +1,5 @@
-"""The decision audit log: one record per evaluated journey step.
+"""The decision audit log: one record per evaluated journey step, and one per identity
+event (a merge, a conflict, a shared device; `outcome` "identity").
 
 It answers "why did (or didn't) this customer get that message?".
 """
@@ -11,7 +12,11 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict
 
 from schemas.events import ActionChannel
 
-Outcome = Literal["fired", "suppressed", "cancelled", "deferred", "held_out"]
+Outcome = Literal["fired", "suppressed", "cancelled", "deferred", "held_out", "identity"]
+# An identity decision has this `rule_id`, step 0, the identifier it is about
+# ("anonymous_id", "customer_id", "email", "phone") as `journey_key`, and the other
+# profile as `profile`; `reason` says what happened (see `triggers.identity`).
+IDENTITY_RULE = "identity"
 
 
 class Decision(BaseModel):
@@ -30,3 +35,6 @@ class Decision(BaseModel):
     decided_at: AwareDatetime
     until: AwareDatetime | None = None
     group: str | None = None
+    # Identity decisions: the other profile (the one merged in, or the customer that
+    # holds a conflicting email or phone).
+    profile: str | None = None

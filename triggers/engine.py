@@ -681,7 +681,9 @@ def _fire(
     payload.update(step.payload)
     if variant is not None:
         payload.update(variant.payload)
-    action_id = make_action_id(rule.id, state.customer_id, journey.journey_id, journey.next_step)
+    # A journey merged in from an anonymous profile keeps the action ids it started with.
+    origin = journey.origin or state.customer_id
+    action_id = make_action_id(rule.id, origin, journey.journey_id, journey.next_step)
     out.actions.append(
         Action(
             action_id=action_id,

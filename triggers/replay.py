@@ -5,8 +5,10 @@ arrives at the latest `occurred_at` seen so far: the clock never runs backwards,
 as in production where a late event is processed "now". Before an event is
 applied, every timer due up to its arrival fires, in time order (ties broken by
 customer key), each with `now` = its due time; after the last event, timers fire
-up to `until`. With a lateness L, a timer due at d fires only once the clock
-has passed d + L, as on a live worker that is behind. Every customer's state
+up to `until`. Each event goes to the profile `triggers.identity` resolves it to,
+and a link first merges the anonymous profile into the customer's. With a
+lateness L, a timer due at d fires only once the clock has passed d + L, as on
+a live worker that is behind. Every customer's state
 lives in a dict and is changed in place by `evolve`, the same function the
 stream worker uses, so a backtest shows what production would have done with
 these rules on this traffic.
@@ -24,11 +26,19 @@ from datetime import UTC, datetime, timedelta
 
 from schemas.actions import Action
 from schemas.decisions import Decision
-from schemas.events import Event, customer_key
+from schemas.events import Event
 from triggers.engine import EnginePolicy, Output, TimerFired, evolve, new_state
+from triggers.identity import (
+    IdentityMap,
+    IdentityPolicy,
+    absorb,
+    needs_resolution,
+    record,
+    resolve,
+)
 from triggers.ruleset import RuleSet
 from triggers.schedule import TimerSchedule
-from triggers.state import CustomerState
+from triggers.state import RECENT_DECISIONS, CustomerState
 
 # The replay has a single "partition": TimerSchedule wants one per key.
 _PARTITION = 0
@@ -89,6 +99,9 @@ class ReplayStats:
     # "YYYY-MM-DDTHH:00Z" of the action's `created_at` -> actions
     actions_per_hour: Counter[str] = field(default_factory=Counter)
     customers: int = 0
+    # Profiles merged into another (anonymous ones at a link, customers by an alias);
+    # their identity decisions are in `outcomes` and `reasons` under "identity".
+    merges: int = 0
 
     @property
     def action_count(self) -> int:
@@ -106,10 +119,16 @@ class Replayer:
     """
 
     def __init__(
-        self, rules: RuleSet, policy: EnginePolicy, lateness: timedelta = timedelta(0)
+        self,
+        rules: RuleSet,
+        policy: EnginePolicy,
+        lateness: timedelta = timedelta(0),
+        identity_policy: IdentityPolicy | None = None,
     ) -> None:
         self.rules = rules
         self.policy = policy
+        self.identity_policy = identity_policy or IdentityPolicy()
+        self.identity = IdentityMap()
         # As live (`streams.progress`): a step due at d fires once the clock has passed
         # d + lateness, so events up to `lateness` out of order still come before it.
         self.lateness = lateness
@@ -169,7 +188,9 @@ class Replayer:
                 break
             raw_key, due_at, _ = due[0]
             key = raw_key.decode()
-            state = self.states[key]
+            state = self.states.get(key)
+            if state is None:
+                continue  # merged into another profile since
             pending = state.next_due()
             if pending is None:
                 continue
@@ -212,12 +233,24 @@ class Replayer:
 
         stats.events += 1
         stats.events_by_type[event.type] += 1
-        key = customer_key(event)
-        state = self.states.get(key)
-        if state is None:
-            state = self.states[key] = new_state(key)
-            stats.customers += 1
+        identity_decisions: list[Decision] = []
+        if needs_resolution(self.identity, event):
+            key, state, identity_decisions = self._resolve(event, now)
+        else:
+            key = event.customer_id or ""  # not None: an event has one of the two ids
+            found = self.states.get(key)
+            if found is None:
+                found = self.states[key] = new_state(key)
+                stats.customers += 1
+            state = found
         out = evolve(state, event, now, self.rules, self.policy, horizon)
+        if identity_decisions:
+            out.decisions[:0] = identity_decisions
+            # A merge's decision is in the merged state already (`absorb`); the others
+            # are kept as the engine keeps its own, for "why (not)?".
+            unkept = [d for d in identity_decisions if d.reason != "identity_merged"]
+            state.recent_decisions.extend(unkept)
+            del state.recent_decisions[:-RECENT_DECISIONS]
         if not out.applied:
             stats.duplicates += 1
         elif out.started:
@@ -231,6 +264,35 @@ class Replayer:
         if out.decisions:
             self._record(out)
             outputs.append(ReplayOutput(key, now, event, out.actions, out.decisions))
+
+    def _resolve(self, event: Event, now: datetime) -> tuple[str, CustomerState, list[Decision]]:
+        """The event's profile after identity resolution, with the profiles it links
+        merged in (once: a redelivered link finds them linked already)."""
+        resolution = resolve(self.identity, event, now, self.identity_policy, self.states)
+        key = resolution.profile
+        state = self.states.get(key)
+        if state is not None and event.event_id in state.recent_event_ids:
+            return key, state, []  # a redelivery: the engine ignores it, and so do we
+        record(self.identity, resolution)
+        decisions = list(resolution.decisions)
+        if state is None:
+            state = new_state(key)
+            self.stats.customers += 1
+        for source_key in resolution.merges:
+            if source_key == key:
+                continue
+            source = self.states.pop(source_key, None)
+            if source is None:
+                continue
+            self.stats.merges += 1
+            raw_source = source_key.encode()
+            if self.schedule.due_at(raw_source) is not None:
+                self.schedule.set_due(raw_source, None, _PARTITION)
+            state, decision = absorb(source, state, now, self.identity_policy, event.event_id)
+            if decision is not None:
+                decisions.append(decision)
+        self.states[key] = state
+        return key, state, decisions
 
     def _reschedule(self, raw_key: bytes, state: CustomerState) -> None:
         due = state.next_due()

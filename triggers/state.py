@@ -117,6 +117,9 @@ class Journey:
     # Evaluations of the pending step that raised (a bug or data no rule expected):
     # each one retries later, never in a loop, until the step expires.
     failures: int = 0
+    # The profile this journey started under, when it was merged in from another one
+    # (an anonymous visitor who then identified): its action ids keep that profile.
+    origin: str | None = None
 
 
 class CustomerState(BaseModel):
@@ -132,6 +135,9 @@ class CustomerState(BaseModel):
     push_tokens: dict[str, str] = Field(default_factory=dict)
     # "<channel>:<category>" -> granted
     consents: dict[str, bool] = Field(default_factory=dict)
+    # "<channel>:<category>" -> when that consent was given or revoked: when two
+    # profiles merge, the more recent decision wins.
+    consented_at: dict[str, datetime] = Field(default_factory=dict)
     carts: dict[str, Cart] = Field(default_factory=dict)
     last_activity: dict[str, datetime] = Field(default_factory=dict)
     order_count: int = 0
@@ -150,6 +156,9 @@ class CustomerState(BaseModel):
     engagement: dict[str, Engagement] = Field(default_factory=dict)
     recent_event_ids: list[str] = Field(default_factory=list)
     recent_decisions: list[Decision] = Field(default_factory=list)
+    # Profiles merged into this one (`triggers.identity`), so a merge applied again
+    # (a link redelivered) changes nothing.
+    merged_profiles: list[str] = Field(default_factory=list)
 
     def next_due(self) -> datetime | None:
         """When this customer next needs the timer (None: no pending step)."""
@@ -196,7 +205,9 @@ def _identify(state: CustomerState, event: Identify) -> None:
 
 def _consent(state: CustomerState, event: ConsentUpdated) -> None:
     consent = event.properties
-    state.consents[f"{consent.channel}:{consent.category}"] = consent.granted
+    slot = f"{consent.channel}:{consent.category}"
+    state.consents[slot] = consent.granted
+    state.consented_at[slot] = event.occurred_at
 
 
 def _device_registered(state: CustomerState, event: DeviceRegistered) -> None:
@@ -270,6 +281,7 @@ def _apply_feedback(state: CustomerState, event: MessageFeedback) -> None:
         state.email_bounced = True
     elif event.type == "message.unsubscribed" and event.channel in SENDABLE_CHANNELS:
         state.consents[f"{event.channel}:marketing"] = False
+        state.consented_at[f"{event.channel}:marketing"] = event.occurred_at
 
 
 # Event class -> how it changes the state; the other types only count as activity.
