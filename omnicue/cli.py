@@ -93,6 +93,20 @@ def publish(
 
 
 @app.command()
+def ingest(
+    host: Annotated[str | None, typer.Option(help="Default: OMNICUE_INGEST_HOST")] = None,
+    port: Annotated[int | None, typer.Option(help="Default: OMNICUE_INGEST_PORT")] = None,
+) -> None:
+    """Serve the Segment-compatible HTTP ingest (and /v1/events for contract JSON)."""
+    from omnicue.ingest import run_ingest
+
+    settings = _settings()
+    overrides = {"ingest_host": host, "ingest_port": port}
+    updates = {name: value for name, value in overrides.items() if value is not None}
+    run_ingest(settings.model_copy(update=updates) if updates else settings)
+
+
+@app.command()
 def send(
     channel: Annotated[str, typer.Option(help="push, email, sms or kakao")],
     group: Annotated[str | None, typer.Option(help="Consumer group")] = None,

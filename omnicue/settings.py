@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.events import Channel
 
 
 class Settings(BaseSettings):
@@ -66,6 +68,16 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr | None = Field(None, description="HMAC key of webhook bodies")
     log_level: str = "info"
 
+    ingest_host: str = Field("127.0.0.1", description="Address `omnicue ingest` listens on")
+    ingest_port: int = Field(8088, ge=0, le=65535, description="Port of `omnicue ingest`")
+    # Kept as written (`wk-web=web,wk-app=app`), so the settings still dump to the
+    # environment and back; checked here, read as a mapping through `write_keys`.
+    ingest_write_keys: str = Field(
+        "",
+        description="HTTP ingest write keys: comma-separated key=channel pairs, the "
+        "channel of the messages sent with that key",
+    )
+
     @field_validator("default_timezone")
     @classmethod
     def _known_timezone(cls, value: str) -> str:
@@ -89,6 +101,17 @@ class Settings(BaseSettings):
             raise ValueError("sender_lease_ttl must be longer than sender_timeout")
         return self
 
+    @field_validator("ingest_write_keys")
+    @classmethod
+    def _key_channel_pairs(cls, value: str) -> str:
+        parse_write_keys(value)
+        return value
+
+    @property
+    def write_keys(self) -> dict[str, Channel]:
+        """`ingest_write_keys` as write key -> channel."""
+        return parse_write_keys(self.ingest_write_keys)
+
     @property
     def canonical_url(self) -> str:
         if self.advertised_url:
@@ -107,3 +130,25 @@ class Settings(BaseSettings):
             if part:
                 servers.append(part)
         return servers
+
+def parse_write_keys(value: str) -> dict[str, Channel]:
+    """`wk-web=web,wk-app=app` as {"wk-web": "web", "wk-app": "app"}; ValueError names
+    the pair that is wrong."""
+    channels = get_args(Channel)
+    keys: dict[str, Channel] = {}
+    for pair in value.split(","):
+        if not pair.strip():
+            continue
+        key, sep, channel = (part.strip() for part in pair.partition("="))
+        if not sep or not key or not channel:
+            raise ValueError(
+                f"{pair.strip()!r} is not a key=channel pair (expected e.g. wk-web=web,wk-app=app)"
+            )
+        if channel not in channels:
+            raise ValueError(
+                f"write key {key!r}: unknown channel {channel!r}; known: {', '.join(channels)}"
+            )
+        if key in keys:
+            raise ValueError(f"write key {key!r} is listed twice")
+        keys[key] = cast(Channel, channel)
+    return keys

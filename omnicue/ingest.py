@@ -1,0 +1,372 @@
+"""`omnicue ingest`: the Segment-compatible HTTP ingest (aiohttp), publishing to
+`omnicue.events`.
+
+Segment's Tracking API (`/v1/track`, `/identify`, `/alias`, `/page`, `/screen`,
+`/batch`) goes through the mapping in `omnicue.segment`; `/v1/events` takes contract
+JSON as it is. Every event is then checked by the contract, keyed by customer and
+published; the reply waits for the broker's acknowledgement of every accepted one, so
+a 200 (or a 400 that lists the rejected messages) never loses an accepted message. A
+5xx means "retry the whole request": the retried messages keep their `messageId`,
+which is their `event_id`, and the pipeline drops the duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import orjson
+from aiohttp import web
+from kafka import KafkaProducer
+
+from omnicue.producer import InvalidEvent, validate_event
+from omnicue.segment import MappingError, map_message
+from omnicue.settings import Settings
+from schemas.events import Channel, customer_key, event_to_json
+from schemas.topics import EVENTS
+
+log = logging.getLogger("omnicue.ingest")
+
+# Segment's limits, which its libraries enforce on their side too.
+MESSAGE_LIMIT = 32 * 1024
+BATCH_LIMIT = 500 * 1024
+# How long a request waits for the broker before it gets a 503 (and is retried).
+ACK_TIMEOUT = 30.0
+SEGMENT_ENDPOINTS = ("track", "identify", "alias", "page", "screen")
+
+Record = tuple[bytes, bytes]  # (key, value) for `omnicue.events`
+
+
+class Publisher(Protocol):
+    """Where accepted events go: `KafkaPublisher`, or an in-memory list in tests."""
+
+    async def publish(self, records: Sequence[Record]) -> None:
+        """Return once the broker has acknowledged every record; raise if it has not."""
+
+
+class KafkaPublisher:
+    """kafka-python's producer for `omnicue.events`, configured as `EventProducer` is
+    (idempotent, acks=all: retries neither duplicate nor reorder a customer's events,
+    and an acknowledged event survives a failover; the dev broker accepts this from
+    kafka-python), with its deliveries awaited on the event loop."""
+
+    def __init__(self, settings: Settings, **config: Any) -> None:
+        options: dict[str, Any] = {
+            "bootstrap_servers": settings.bootstrap_servers,
+            "client_id": f"{settings.app_id}-ingest",
+            "enable_idempotence": True,
+            "acks": "all",
+            # Concurrent requests share producer batches; a request's own messages do
+            # anyway, as they are appended together.
+            "linger_ms": 2,
+            "batch_size": 256 * 1024,
+            # send() blocks while the broker is unknown or the buffer is full; bounded,
+            # so a request gets its 503 well within ACK_TIMEOUT.
+            "max_block_ms": 10_000,
+        }
+        options.update(config)
+        self._producer = KafkaProducer(**options)
+
+    def close(self, timeout: float = 10) -> None:
+        """Deliver what is queued (bounded), then disconnect."""
+        self._producer.close(timeout=timeout)
+
+    async def publish(self, records: Sequence[Record]) -> None:
+        loop = asyncio.get_running_loop()
+        acked: asyncio.Future[None] = loop.create_future()
+        remaining = len(records)
+        lock = threading.Lock()
+
+        # Called on the producer's I/O thread (or here, for a record already done).
+        def delivered(_: object) -> None:
+            nonlocal remaining
+            with lock:
+                remaining -= 1
+                last = remaining == 0
+            if last:
+                loop.call_soon_threadsafe(_settle, acked, None)
+
+        def failed(exc: BaseException) -> None:
+            loop.call_soon_threadsafe(_settle, acked, exc)
+
+        def send_all() -> None:
+            for key, value in records:
+                future = self._producer.send(EVENTS, key=key, value=value)
+                future.add_callback(delivered)
+                future.add_errback(failed)
+
+        # In a thread: send() may block (see max_block_ms), the event loop must not.
+        await loop.run_in_executor(None, send_all)
+        await acked
+
+
+def _settle(future: asyncio.Future[None], exc: BaseException | None) -> None:
+    if future.done():
+        return  # a second failure of the same request
+    if exc is None:
+        future.set_result(None)
+    else:
+        future.set_exception(exc)
+
+
+@dataclass
+class Outcome:
+    """What became of one request's messages."""
+
+    records: list[Record] = field(default_factory=list)
+    accepted: int = 0
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    too_large: bool = False
+
+    def reject(self, index: int, message: Any, code: str, text: str) -> None:
+        message_id = message.get("messageId") if isinstance(message, Mapping) else None
+        if message_id is None and isinstance(message, Mapping):
+            message_id = message.get("event_id")
+        self.errors.append(
+            {
+                "index": index,
+                "messageId": message_id if isinstance(message_id, str) else None,
+                "code": code,
+                "message": text,
+            }
+        )
+        self.too_large = self.too_large or code == "too_large"
+
+
+def _json_error(status: int, code: str, message: str) -> web.Response:
+    # `code` and `message` are what Segment's libraries log from an error reply.
+    return web.json_response(
+        {"success": False, "code": code, "message": message},
+        status=status,
+        dumps=lambda value: orjson.dumps(value).decode(),
+    )
+
+
+def _write_key(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, credentials = header.partition(" ")
+    if scheme.lower() != "basic" or not credentials:
+        return None
+    try:
+        decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    # Segment sends `<writeKey>:`, the key as the user name and no password.
+    return decoded.partition(":")[0] or None
+
+
+def _size(message: Any) -> int:
+    return len(orjson.dumps(message))
+
+
+def _accept(outcome: Outcome, index: int, message: Any, events: list[dict[str, Any]]) -> None:
+    records = []
+    for event in events:
+        valid = validate_event(event)
+        records.append((customer_key(valid).encode(), event_to_json(valid)))
+    outcome.records.extend(records)
+    outcome.accepted += 1
+
+
+def map_segment(messages: Sequence[Any], channel: Channel, received_at: datetime) -> Outcome:
+    """Map and check a request's Segment messages; each one is accepted or rejected."""
+    outcome = Outcome()
+    for index, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            outcome.reject(index, message, "invalid", "a message must be a JSON object")
+            continue
+        if _size(message) > MESSAGE_LIMIT:
+            outcome.reject(index, message, "too_large", f"larger than {MESSAGE_LIMIT} bytes")
+            continue
+        try:
+            _accept(outcome, index, message, map_message(message, channel, received_at))
+        except (MappingError, InvalidEvent) as exc:
+            outcome.reject(index, message, "invalid", str(exc))
+    return outcome
+
+
+def check_native(messages: Sequence[Any], channel: Channel) -> Outcome:
+    """Check contract events (`/v1/events`); a missing `channel` is the write key's."""
+    outcome = Outcome()
+    for index, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            outcome.reject(index, message, "invalid", "an event must be a JSON object")
+            continue
+        if _size(message) > MESSAGE_LIMIT:
+            outcome.reject(index, message, "too_large", f"larger than {MESSAGE_LIMIT} bytes")
+            continue
+        event = dict(message)
+        event.setdefault("channel", channel)
+        try:
+            _accept(outcome, index, message, [event])
+        except InvalidEvent as exc:
+            outcome.reject(index, message, "invalid", str(exc))
+    return outcome
+
+
+class Ingest:
+    """The request handlers, over a publisher and the write keys."""
+
+    def __init__(self, write_keys: Mapping[str, Channel], publisher: Publisher) -> None:
+        self._write_keys = dict(write_keys)
+        self._publisher = publisher
+
+    def routes(self) -> list[web.RouteDef]:
+        routes = [web.post(f"/v1/{name}", self._single(name)) for name in SEGMENT_ENDPOINTS]
+        return [
+            *routes,
+            web.post("/v1/batch", self.batch),
+            web.post("/v1/events", self.events),
+            web.get("/health", self.health),
+        ]
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    def _single(self, kind: str) -> Any:
+        async def handle(request: web.Request) -> web.Response:
+            return await self._handle(request, kind)
+
+        return handle
+
+    async def batch(self, request: web.Request) -> web.Response:
+        return await self._handle(request, "batch")
+
+    async def events(self, request: web.Request) -> web.Response:
+        return await self._handle(request, "events")
+
+    async def _handle(self, request: web.Request, kind: str) -> web.Response:
+        key = _write_key(request)
+        channel = self._write_keys.get(key) if key is not None else None
+        if channel is None:
+            return _json_error(
+                401,
+                "unauthorized",
+                "missing write key (HTTP Basic, the key as user name)"
+                if key is None
+                else "unknown write key",
+            )
+        limit = MESSAGE_LIMIT if kind in SEGMENT_ENDPOINTS else BATCH_LIMIT
+        if request.content_length is not None and request.content_length > limit:
+            return _json_error(413, "too_large", f"request body larger than {limit} bytes")
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return _json_error(413, "too_large", f"request body larger than {limit} bytes")
+        if len(body) > limit:
+            return _json_error(413, "too_large", f"request body larger than {limit} bytes")
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            return _json_error(400, "invalid_json", f"the body is not JSON: {exc}")
+        received_at = datetime.now(UTC)
+        if kind == "events":
+            messages = payload if isinstance(payload, list) else [payload]
+            outcome = check_native(messages, channel)
+        else:
+            messages_or_error = _segment_messages(payload, kind)
+            if isinstance(messages_or_error, str):
+                return _json_error(400, "invalid", messages_or_error)
+            outcome = map_segment(messages_or_error, channel, received_at)
+        if outcome.records:
+            try:
+                await asyncio.wait_for(self._publisher.publish(outcome.records), ACK_TIMEOUT)
+            except Exception as exc:  # any failure: nothing of this request is promised
+                log.warning("publishing %d records failed: %r", len(outcome.records), exc)
+                return _json_error(
+                    503,
+                    "unavailable",
+                    "the broker did not acknowledge the events; retry the request "
+                    "(events keep their messageId, so a retry does not duplicate them)",
+                )
+        return _reply(outcome)
+
+
+def _segment_messages(payload: Any, kind: str) -> list[Any] | str:
+    if kind != "batch":
+        if not isinstance(payload, dict):
+            return "the body must be a JSON object"
+        message = {k: v for k, v in payload.items() if k != "writeKey"}
+        message["type"] = kind  # the endpoint names the type
+        return [message]
+    if not isinstance(payload, dict) or not isinstance(payload.get("batch"), list):
+        return 'the body must be {"batch": [messages]}'
+    shared = payload.get("context")
+    messages: list[Any] = []
+    for message in payload["batch"]:
+        # A batch's top-level context applies to each message; the message's own wins.
+        if isinstance(shared, dict) and isinstance(message, dict):
+            own = message.get("context")
+            message = {**message, "context": {**shared, **own} if isinstance(own, dict) else shared}
+        messages.append(message)
+    return messages
+
+
+def _reply(outcome: Outcome) -> web.Response:
+    total = outcome.accepted + len(outcome.errors)
+    body: dict[str, Any] = {
+        "success": not outcome.errors,
+        "accepted": outcome.accepted,
+        "rejected": len(outcome.errors),
+    }
+    status = 200
+    if outcome.errors:
+        status = 413 if outcome.too_large else 400
+        body["code"] = "too_large" if outcome.too_large else "invalid"
+        body["message"] = (
+            f"{len(outcome.errors)} of {total} messages rejected (see errors); "
+            f"the other {outcome.accepted} were accepted and published"
+        )
+        body["errors"] = outcome.errors
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+def build_app(write_keys: Mapping[str, Channel], publisher: Publisher) -> web.Application:
+    # One byte over the batch limit still reads, so the handler can answer in JSON.
+    app = web.Application(client_max_size=BATCH_LIMIT + 1)
+    app.add_routes(Ingest(write_keys, publisher).routes())
+    return app
+
+
+def run_ingest(settings: Settings) -> None:
+    """Serve until SIGINT/SIGTERM; the ready line names the URL."""
+    if not settings.write_keys:
+        raise SystemExit(
+            "OMNICUE_INGEST_WRITE_KEYS is empty: set key=channel pairs, e.g. wk-web=web,wk-app=app"
+        )
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(levelname)s %(name)s %(message)s"
+    )
+    asyncio.run(_serve(settings))
+
+
+async def _serve(settings: Settings) -> None:
+    loop = asyncio.get_running_loop()
+    publisher = await loop.run_in_executor(None, KafkaPublisher, settings)
+    runner = web.AppRunner(build_app(settings.write_keys, publisher), access_log=None)
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, settings.ingest_host, settings.ingest_port)
+        await site.start()
+        print(f"ingest http://{settings.ingest_host}:{settings.ingest_port}", flush=True)
+        await _until_stopped()
+    finally:
+        await runner.cleanup()  # finishes requests in flight, then
+        await loop.run_in_executor(None, publisher.close)
+
+
+async def _until_stopped() -> None:
+    import signal
+
+    stopped = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stopped.set)
+    await stopped.wait()
