@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from schemas.actions import make_action_id
 from schemas.events import Event
 from tests.factories import (
     CART_RULE,
@@ -18,6 +19,7 @@ from tests.factories import (
     ruleset,
 )
 from triggers.engine import EnginePolicy
+from triggers.identity import IdentityPolicy
 from triggers.replay import Replayer, ReplayOutput
 
 ORDER_CONFIRMATION = {
@@ -63,4 +65,56 @@ def test_a_cart_bought_after_identifying_gets_no_abandonment_push() -> None:
     ]
     assert [(d.customer_id, d.journey_key, d.reason) for d in cancelled] == [
         ("c-9", "K", "purchased")
+    ]
+
+
+def test_a_redelivered_link_merges_once() -> None:
+    log = anonymous_then_known_order()
+    link = log[3]
+    replayer = Replayer(RULES, POLICY)
+    outputs = list(replayer.run([*log[:4], link, link, log[4]], until=T0 + timedelta(days=2)))
+    assert replayer.stats.merges == 1 and replayer.stats.duplicates == 2
+    assert "anon:a-1" not in replayer.states
+    merged = replayer.states["c-9"]
+    assert merged.merged_profiles == ["anon:a-1"] and merged.order_count == 1
+    identity = [d for o in outputs for d in o.decisions if d.outcome == "identity"]
+    assert [(d.reason, d.customer_id, d.profile) for d in identity] == [
+        ("identity_merged", "c-9", "anon:a-1")
+    ]
+    assert replayer.stats.reasons[("identity", "identity_merged")] == 1
+
+
+def test_a_journey_started_anonymously_keeps_its_action_ids_across_the_link() -> None:
+    anon: dict[str, Any] = {"customer_id": None, "anonymous_id": "a-1"}
+    added = cart_add("K", at=T0, **anon)
+    log = [
+        device("tok-a1", at=T0, **anon),
+        consent("push", at=T0, **anon),
+        consent("email", at=T0, **anon),
+        added,
+        # Step 1 (30 min) goes out anonymously, then the visitor identifies.
+        identify("kim@example.com", customer_id="c-9", anonymous_id="a-1", at=T0 + minutes(45)),
+    ]
+    actions = [a for o in replay_log(log) for a in o.actions]
+    assert [(a.step, a.customer_id, a.channel) for a in actions] == [
+        (1, "anon:a-1", "push"), (2, "c-9", "email")
+    ]
+    assert [a.action_id for a in actions] == [
+        make_action_id("cart_abandonment", "anon:a-1", added.event_id, step) for step in (1, 2)
+    ]
+
+
+def test_an_anonymous_profile_idle_past_the_window_is_not_merged() -> None:
+    log = anonymous_then_known_order()
+    late = [e.model_copy(update={"occurred_at": e.occurred_at + timedelta(days=40)})
+            for e in log[3:]]
+    policy = IdentityPolicy(idle_window=timedelta(days=30))
+    replayer = Replayer(RULES, POLICY, identity_policy=policy)
+    outputs = list(replayer.run([*log[:3], *late]))
+    assert "anon:a-1" not in replayer.states and replayer.states["c-9"].carts == {}
+    reasons = [d.reason for o in outputs for d in o.decisions if d.outcome == "identity"]
+    assert reasons == ["anonymous_idle"]
+    # Its journey is dropped with it: no reminder for the old cart, to anyone.
+    assert [a.rule_id for o in outputs for a in o.actions] == [
+        "cart_abandonment", "order_confirmation"
     ]
