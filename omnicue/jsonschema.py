@@ -11,6 +11,7 @@ from pydantic import TypeAdapter
 from schemas.actions import Action
 from schemas.decisions import Decision
 from schemas.events import event_adapter
+from schemas.report import Report
 from schemas.rules import RulesFile
 
 
@@ -22,6 +23,8 @@ def schemas() -> dict[str, dict[str, Any]]:
         "action.schema.json": TypeAdapter(Action).json_schema(mode="serialization"),
         "decision.schema.json": TypeAdapter(Decision).json_schema(mode="serialization"),
         "rules.schema.json": TypeAdapter(RulesFile).json_schema(mode="validation"),
+        # What `omnicue report --json` writes.
+        "report.schema.json": TypeAdapter(Report).json_schema(mode="serialization"),
     }
 
 

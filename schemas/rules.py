@@ -134,6 +134,12 @@ class Cap(_Strict):
     window: Duration = timedelta(hours=24)
 
 
+class ConversionWindow(_Strict):
+    """How long after entering a rule an order counts as the rule's conversion (lift)."""
+
+    within: Duration = timedelta(days=7)
+
+
 class Rule(_Strict):
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$", max_length=64)
     description: str = ""
@@ -157,6 +163,8 @@ class Rule(_Strict):
     variants: dict[str, Variant] = {}
     # How many actions of this rule a customer may get per window.
     cap: Cap | None = None
+    # Measurement only (`omnicue report`): None is the default window of 7 days.
+    conversion: ConversionWindow | None = None
 
     @field_validator("steps")
     @classmethod
@@ -178,7 +186,11 @@ class Rule(_Strict):
     def canonical_json(self) -> str:
         """The rule as JSON with sorted keys: what its version hashes, and what a
         customer's state keeps of the versions its journeys run on."""
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        data = self.model_dump(mode="json")
+        if data["conversion"] is None:
+            # Added after versions were in use: a rule that leaves it out keeps its version.
+            del data["conversion"]
+        return json.dumps(data, sort_keys=True)
 
     @staticmethod
     def version_of(canonical_json: str) -> str:
@@ -220,6 +232,9 @@ class Policy(_Strict):
     on_cap: Literal["drop", "defer"] = "drop"
     # A global control group, applied before rule holdouts.
     holdout: float = Field(0.0, ge=0, lt=1)
+    # Cost of one message per channel (any currency, the orders' own), for the report's
+    # cost and ROAS: e.g. {sms: 20, kakao: 8, email: 0.5, push: 0}.
+    costs: dict[ActionChannel, Annotated[float, Field(ge=0, allow_inf_nan=False)]] = {}
 
 
 class RulesFile(_Strict):
