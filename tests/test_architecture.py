@@ -1,4 +1,5 @@
-"""The dependency direction is streams -> triggers -> schemas; only streams imports faust."""
+"""The dependency direction is streams -> triggers -> schemas (and measure -> schemas);
+only streams imports faust."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ STDLIB_OK = {"__future__"}
 FORBIDDEN = {
     "schemas": {"faust", "kafka", "aiokafka", "redis", "triggers", "streams", "omnicue", "yaml",
                 "cel"},
+    # Measurement is pure like the engine, and beside it: it needs neither.
+    "measure": {"faust", "kafka", "aiokafka", "redis", "triggers", "streams", "omnicue", "mode",
+                "yaml", "cel", "plotly"},
     "triggers": {"faust", "kafka", "aiokafka", "redis", "streams", "omnicue", "mode"},
     "omnicue": {"faust", "mode", "aiokafka"},
     "bench": set(),
@@ -30,7 +34,7 @@ def imported_roots(path: Path) -> set[str]:
     return roots
 
 
-@pytest.mark.parametrize("package", ["schemas", "triggers", "omnicue"])
+@pytest.mark.parametrize("package", ["schemas", "triggers", "measure", "omnicue"])
 def test_forbidden_imports(package: str) -> None:
     offenders = {
         str(path.relative_to(ROOT)): sorted(imported_roots(path) & FORBIDDEN[package])
@@ -44,6 +48,14 @@ def test_schemas_import_only_pydantic_and_the_standard_library() -> None:
 
     allowed = {"pydantic", "schemas"} | set(sys.stdlib_module_names)
     for path in (ROOT / "schemas").rglob("*.py"):
+        assert imported_roots(path) <= allowed, path
+
+
+def test_measure_imports_only_schemas_and_the_standard_library() -> None:
+    import sys
+
+    allowed = {"schemas", "measure"} | set(sys.stdlib_module_names)
+    for path in (ROOT / "measure").rglob("*.py"):
         assert imported_roots(path) <= allowed, path
 
 
