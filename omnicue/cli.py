@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
@@ -109,12 +109,31 @@ def ingest(
 @app.command()
 def send(
     channel: Annotated[str, typer.Option(help="push, email, sms or kakao")],
+    transport: Annotated[
+        str | None, typer.Option(help="console or webhook (default: OMNICUE_SENDER_TRANSPORT)")
+    ] = None,
+    url: Annotated[
+        str | None, typer.Option(help="Webhook URL; {channel} is replaced (OMNICUE_SENDER_URL)")
+    ] = None,
+    rate: Annotated[
+        str | None,
+        typer.Option(help="N/s for the channel, shared by its senders (OMNICUE_SENDER_RATE)"),
+    ] = None,
     group: Annotated[str | None, typer.Option(help="Consumer group")] = None,
 ) -> None:
-    """Console sender: consume one action topic and log each action once."""
-    from omnicue.senders import run_console_sender
+    """Run a channel's sender: each action to its provider once per idempotency key."""
+    from pydantic import ValidationError
 
-    run_console_sender(_settings(), channel, group)
+    from senders.runtime import run_sender
+
+    # Options given on the command line win over OMNICUE_SENDER_* variables.
+    options = {"sender_transport": transport, "sender_url": url, "sender_rate": rate}
+    given: dict[str, Any] = {name: value for name, value in options.items() if value}
+    try:
+        settings = Settings(**given)
+    except ValidationError as exc:
+        raise SystemExit(f"omnicue send: {exc}") from None
+    run_sender(settings, channel, group)
 
 
 @app.command()

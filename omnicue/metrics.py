@@ -96,13 +96,55 @@ class WorkerMetrics:
 
 
 class SenderMetrics:
+    """The collectors of one sender process (one channel), on their own registry."""
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        r = self.registry
         self.actions = Counter(
             "omnicue_sender_actions",
-            "Actions handled by a sender, by channel and outcome (sent|duplicate|expired)",
+            "Actions handled by a sender, by channel and outcome (sent|duplicate|failed)",
             ["channel", "outcome"],
-            registry=self.registry,
+            registry=r,
+        )
+        self.failed = Counter(
+            "omnicue_sender_failed",
+            "Actions failed for good, by channel and reason (expired, http_<status>, ...)",
+            ["channel", "reason"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "omnicue_sender_retries",
+            "Actions handed to the retry topic after a retryable failure",
+            ["channel"],
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "omnicue_sender_rate_limited",
+            "HTTP 429 replies from the provider (each halves the shared rate, at most "
+            "once a second)",
+            ["channel"],
+            registry=r,
+        )
+        self.rate_limit = Gauge(
+            "omnicue_sender_rate_limit",
+            "The channel's current shared send rate (per second; after AIMD cuts)",
+            ["channel"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "omnicue_sender_in_flight",
+            "Actions this process has read and not yet finished (sending, waiting for a "
+            "lease, a token or a retry's time)",
+            ["channel"],
+            registry=r,
+        )
+        self.send_latency = Histogram(
+            "omnicue_sender_send_latency_seconds",
+            "Seconds from the action's creation to the provider's acceptance",
+            ["channel"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
 
     def exposition(self) -> bytes:

@@ -19,6 +19,8 @@ FORBIDDEN = {
                 "yaml", "cel", "plotly"},
     "triggers": {"faust", "kafka", "aiokafka", "redis", "streams", "omnicue", "mode"},
     "omnicue": {"faust", "mode", "aiokafka"},
+    # Senders are their own asyncio service: no faust, no pipeline internals.
+    "senders": {"faust", "mode", "streams", "triggers"},
     "bench": set(),
 }
 
@@ -34,7 +36,7 @@ def imported_roots(path: Path) -> set[str]:
     return roots
 
 
-@pytest.mark.parametrize("package", ["schemas", "triggers", "measure", "omnicue"])
+@pytest.mark.parametrize("package", ["schemas", "triggers", "measure", "omnicue", "senders"])
 def test_forbidden_imports(package: str) -> None:
     offenders = {
         str(path.relative_to(ROOT)): sorted(imported_roots(path) & FORBIDDEN[package])

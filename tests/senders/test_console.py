@@ -11,27 +11,19 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import pytest
-import redis
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from omnicue.senders import (
-    check_channel,
-    claim_key,
-    feedback_event,
-    format_action,
-    handle_action,
-    redis_claim,
-)
-from omnicue.services import ManagedProcess, RedisServer, TansuBroker, free_port
+from omnicue.services import ManagedProcess, TansuBroker, free_port
 from omnicue.settings import Settings
 from omnicue.topics import create_topics
 from schemas.actions import Action, Recipient, make_action_id
 from schemas.events import MessageFeedback, event_to_json, parse_event
 from schemas.topics import ACTIONS, EVENTS
+from senders.runtime import check_channel, feedback_event
+from senders.transports import format_action
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -61,51 +53,6 @@ def _action(
     }
     values.update(over)
     return Action(**values)
-
-
-@pytest.fixture
-def claim(redis_server: RedisServer) -> Callable[[str], bool]:
-    return redis_claim(redis.Redis.from_url(redis_server.url), ttl=60)
-
-
-# -- handle_action -----------------------------------------------------------------------
-
-
-def test_first_claim_sends_and_a_redelivery_is_a_duplicate(
-    redis_server: RedisServer, claim: Callable[[str], bool]
-) -> None:
-    action = _action()
-
-    assert handle_action(action, NOW, claim) == "sent"
-    assert handle_action(action, NOW, claim) == "duplicate"
-    # Same id re-fired from a new Action object (e.g. a replayed decision): still a duplicate.
-    assert handle_action(action.model_copy(), NOW + timedelta(minutes=5), claim) == "duplicate"
-
-    client = redis.Redis.from_url(redis_server.url)
-    assert client.get(claim_key(action.action_id)) == b"1"
-    assert 0 < client.ttl(claim_key(action.action_id)) <= 60
-
-
-def test_expired_action_is_not_sent_and_takes_no_claim(
-    redis_server: RedisServer, claim: Callable[[str], bool]
-) -> None:
-    action = _action(expires_in=timedelta(seconds=-1))
-
-    assert handle_action(action, NOW, claim) == "expired"
-    assert not redis.Redis.from_url(redis_server.url).exists(claim_key(action.action_id))
-
-
-def test_expiry_boundary_and_other_timezones(claim: Callable[[str], bool]) -> None:
-    # expires_at == now is still sendable; only strictly-past actions expire.
-    assert handle_action(_action(expires_in=timedelta(0)), NOW, claim) == "sent"
-    # Aware datetimes compare by instant, whatever their offset.
-    kst = NOW.astimezone(ZoneInfo("Asia/Seoul"))
-    assert handle_action(_action(expires_in=timedelta(seconds=-1)), kst, claim) == "expired"
-
-
-def test_naive_now_is_rejected(claim: Callable[[str], bool]) -> None:
-    with pytest.raises(ValueError, match="timezone-aware"):
-        handle_action(_action(), NOW.replace(tzinfo=None), claim)
 
 
 def test_feedback_event_is_a_valid_deterministic_message_sent() -> None:
@@ -246,7 +193,7 @@ def test_sender_process_sends_once_counts_outcomes_and_publishes_feedback(
             ],
         )
         sender.wait_for_line(re.escape(action.action_id))
-        _wait_for_outcomes(metrics_port, {"sent": 1, "duplicate": 1, "expired": 1})
+        _wait_for_outcomes(metrics_port, {"sent": 1, "duplicate": 1, "failed": 1})
         assert sender.running, sender.log_tail()
         assert sender.stop() == 0, sender.log_tail()
 
@@ -254,14 +201,21 @@ def test_sender_process_sends_once_counts_outcomes_and_publishes_feedback(
     assert _sent_lines(sender, expired.action_id) == []
     assert "skipping unparseable action" in sender.log_text()
 
-    feedback = _consume_all(fresh_broker, EVENTS, settings.partitions)
-    assert len(feedback) == 1
-    assert feedback[0].key == action.customer_id.encode()
-    event = parse_event(feedback[0].value)
+    feedback = {
+        record.key: parse_event(record.value)
+        for record in _consume_all(fresh_broker, EVENTS, settings.partitions)
+    }
+    assert set(feedback) == {action.customer_id.encode(), expired.customer_id.encode()}
+    event = feedback[action.customer_id.encode()]
     assert event.type == "message.sent"
     assert event.event_id == f"fb-sent-{action.action_id}"
     assert isinstance(event, MessageFeedback)
     assert event.properties.action_id == action.action_id
+    # An action already expired when read is failed with reason `expired`, not dropped.
+    failed = feedback[expired.customer_id.encode()]
+    assert isinstance(failed, MessageFeedback)
+    assert (failed.type, failed.event_id) == ("message.failed", f"fb-failed-{expired.action_id}")
+    assert failed.properties.reason == "expired"
 
     # Offsets were committed: a restarted sender in the same group sees only new actions.
     later = _action(now)
@@ -270,7 +224,7 @@ def test_sender_process_sends_once_counts_outcomes_and_publishes_feedback(
         sender.wait_for_line(r"^sender push ready$")
         _produce(fresh_broker, [(later.customer_id, later.model_dump_json().encode())])
         sender.wait_for_line(re.escape(later.action_id))
-        _wait_for_outcomes(metrics_port, {"sent": 1, "duplicate": 0, "expired": 0})
+        _wait_for_outcomes(metrics_port, {"sent": 1, "duplicate": 0, "failed": 0})
     finally:
         assert sender.stop() == 0, sender.log_tail()
 

@@ -1,0 +1,175 @@
+"""How an action reaches a provider: the console (dev) or an HTTP webhook.
+
+A transport makes one attempt and says what happened; retrying, rate limiting and
+the lease are the runtime's, so every transport gets them the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal, Protocol
+
+import aiohttp
+
+from schemas.actions import Action
+from senders.retry import is_retryable_status, parse_retry_after
+
+TransportName = Literal["console", "webhook"]
+TRANSPORTS: tuple[TransportName, ...] = ("console", "webhook")
+SIGNATURE_HEADER = "X-Omnicue-Signature"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+@dataclass(frozen=True)
+class Accepted:
+    status: int | None = None
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """The provider did not take the action; `reason` is a bounded metric label."""
+
+    reason: str
+    retryable: bool
+    status: int | None = None
+    retry_after: float | None = None
+
+    @property
+    def rate_limited(self) -> bool:
+        return self.status == 429
+
+
+Result = Accepted | Rejected
+
+
+class Transport(Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def send(self, action: Action) -> Result: ...
+
+
+def _contact(action: Action) -> str:
+    recipient = action.recipient
+    if action.channel == "push":
+        return f"token={recipient.push_token or '-'}"
+    if action.channel == "email":
+        return f"email={recipient.email or '-'}"
+    return f"phone={recipient.phone or '-'}"
+
+
+def format_action(action: Action) -> str:
+    """The one stdout line a console "send" is."""
+    return (
+        f"{action.channel:<5} -> {action.customer_id} {action.template} step {action.step} "
+        f"({action.rule_id}) {action.action_id}  {_contact(action)}"
+    )
+
+
+class ConsoleTransport:
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def send(self, action: Action) -> Result:
+        print(format_action(action), flush=True)
+        return Accepted()
+
+
+def webhook_body(action: Action) -> bytes:
+    """The POST body: the action as in its contract (schemas/actions.py)."""
+    return action.model_dump_json().encode()
+
+
+def sign(body: bytes, secret: str) -> str:
+    """`X-Omnicue-Signature`: `sha256=` and the hex HMAC-SHA256 of the exact body."""
+    digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return f"sha256={digest}"
+
+
+def verify(body: bytes, secret: str, header: str | None) -> bool:
+    """For receivers (and tests): constant-time check of a signature header."""
+    return header is not None and hmac.compare_digest(sign(body, secret), header)
+
+
+class WebhookTransport:
+    """POST each action to `url` (`{channel}` in it replaced), one attempt per call."""
+
+    def __init__(
+        self, url: str, channel: str, *, secret: str, timeout: float, connections: int
+    ) -> None:
+        if not secret:
+            raise ValueError("the webhook transport needs OMNICUE_WEBHOOK_SECRET")
+        self.url = url.replace("{channel}", channel)
+        self._secret = secret
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._connections = connections
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            timeout=self._timeout,
+            connector=aiohttp.TCPConnector(limit=self._connections),
+            # No cookies: every request stands on its own.
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def send(self, action: Action) -> Result:
+        if self._session is None:
+            raise RuntimeError("WebhookTransport.start() was not called")
+        body = webhook_body(action)
+        headers = {
+            "Content-Type": "application/json",
+            IDEMPOTENCY_HEADER: action.action_id,
+            SIGNATURE_HEADER: sign(body, self._secret),
+        }
+        try:
+            async with self._session.post(self.url, data=body, headers=headers) as response:
+                status = response.status
+                retry_after = parse_retry_after(
+                    response.headers.get("Retry-After"), datetime.now(UTC)
+                )
+                # Read the body so the connection goes back to the pool.
+                await response.read()
+        except TimeoutError:
+            return Rejected("timeout", retryable=True)
+        except aiohttp.ClientError:
+            # Refused, reset, DNS, TLS: the provider may not have seen it, or may have.
+            # Either way the idempotency key makes a retry safe.
+            return Rejected("connection_error", retryable=True)
+        if 200 <= status < 300:
+            return Accepted(status)
+        return Rejected(
+            f"http_{status}",
+            retryable=is_retryable_status(status),
+            status=status,
+            retry_after=retry_after,
+        )
+
+
+__all__ = [
+    "IDEMPOTENCY_HEADER",
+    "SIGNATURE_HEADER",
+    "TRANSPORTS",
+    "Accepted",
+    "ConsoleTransport",
+    "Rejected",
+    "Result",
+    "Transport",
+    "TransportName",
+    "WebhookTransport",
+    "format_action",
+    "sign",
+    "verify",
+    "webhook_body",
+]
