@@ -169,7 +169,7 @@ def dev(
         ),
     ] = "tansu",
 ) -> None:
-    """Run everything locally: broker, Redis, worker, senders and a simulator."""
+    """Run everything locally: broker, Redis, worker, senders, the HTTP ingest, a simulator."""
     from omnicue.dev import run_dev
 
     raise typer.Exit(run_dev(rules=rules, simulate=simulate, broker=broker))

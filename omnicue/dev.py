@@ -54,6 +54,9 @@ KAFKA_START_TIMEOUT = 90.0
 KAFKA_STOP_TIMEOUT = 30.0
 REDIS_PORT = 6379
 WEB_PORT = 6066
+INGEST_PORT = 8088
+# The dev stack's write key, unless OMNICUE_INGEST_WRITE_KEYS names others.
+DEV_WRITE_KEYS = "dev=web"
 # The first Faust group join on Tansu takes a few seconds; a cold laptop (imports,
 # RocksDB) can take much longer, and a false "failed to start" is worse than waiting.
 READY_TIMEOUT = 90.0
@@ -254,6 +257,7 @@ def render_screen(snap: Snapshot, before: Snapshot | None, uptime: float, stack:
         f"broker   {stack.broker_url} ({stack.broker_name})",
         f"redis    {stack.redis_url}",
         f"worker   {stack.metrics_url}",
+        f"ingest   {stack.ingest_url}",
         f"logs     {stack.run_dir}",
         "",
     ]
@@ -287,7 +291,9 @@ class DevStack:
     senders: list[ManagedProcess] = field(default_factory=list)
     sender_ports: dict[str, int] = field(default_factory=dict)
     simulator: ManagedProcess | None = None
+    ingest: ManagedProcess | None = None
     web_port: int = WEB_PORT
+    ingest_port: int = INGEST_PORT
 
     @property
     def broker_url(self) -> str:
@@ -311,6 +317,14 @@ class DevStack:
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.web_port}/metrics"
 
+    @property
+    def ingest_url(self) -> str:
+        return f"http://127.0.0.1:{self.ingest_port}"
+
+    @property
+    def write_keys(self) -> str:
+        return os.environ.get("OMNICUE_INGEST_WRITE_KEYS") or DEV_WRITE_KEYS
+
     def children(self) -> list[ManagedProcess]:
         """Every started process, in start order."""
         procs: list[ManagedProcess | None] = [
@@ -318,6 +332,7 @@ class DevStack:
             self.redis,
             self.worker,
             *self.senders,
+            self.ingest,
             self.simulator,
         ]
         return [p for p in procs if p is not None]
@@ -339,6 +354,9 @@ class DevStack:
             OMNICUE_STORE=os.environ.get("OMNICUE_STORE", "rocksdb://"),
             OMNICUE_DATA_DIR=str(self.run_dir / "worker-data"),
             OMNICUE_WEB_PORT=str(self.web_port),
+            OMNICUE_INGEST_HOST="127.0.0.1",
+            OMNICUE_INGEST_PORT=str(self.ingest_port),
+            OMNICUE_INGEST_WRITE_KEYS=self.write_keys,
             PYTHONPATH=_pythonpath(),
             # Print lines must reach the log (and our readiness checks) right away.
             PYTHONUNBUFFERED="1",
@@ -392,8 +410,12 @@ class DevStack:
         created = create_topics(settings)
         _say(f"created {len(created)} topic(s) with {settings.partitions} partitions")
 
-        # Worker and senders start together: their group joins overlap.
+        # Worker, senders and the ingest start together: their group joins overlap.
         self.worker = self._python("worker", ["worker"], self.child_env())
+        self.ingest_port = _port_or_free(INGEST_PORT)
+        if self.ingest_port != INGEST_PORT:
+            _say(f"port {INGEST_PORT} is taken: the ingest uses port {self.ingest_port} instead")
+        self.ingest = self._python("ingest", ["ingest"], self.child_env())
         for channel in ACTION_CHANNELS:
             port = free_port()
             self.sender_ports[channel] = port
@@ -410,6 +432,7 @@ class DevStack:
         }
         for channel, sender in zip(ACTION_CHANNELS, self.senders, strict=True):
             waits[f"sender-{channel}"] = _line_check(sender, f"sender {channel} ready")
+        waits["ingest"] = lambda: _http_ok(f"{self.ingest_url}/health")
         self._wait(waits)
 
         if self.simulate:
@@ -440,6 +463,8 @@ class DevStack:
         """Producers first, so nothing writes to a stopping broker; infrastructure last."""
         if self.simulator is not None:
             self._stop(self.simulator, 10)
+        if self.ingest is not None:
+            self._stop(self.ingest, 15)
         # Signal all senders first so they shut down in parallel, then reap each. Only
         # once: a second SIGTERM means "die now" to a sender that is still closing.
         for sender in self.senders:
@@ -487,6 +512,12 @@ class DevStack:
                 for channel, value in _sender_sent(sender_text).items():
                     _add(snap.sent, channel, value)
         return snap
+
+
+def _keys_note(write_keys: str) -> str:
+    if write_keys == DEV_WRITE_KEYS:
+        return "write key dev, channel web"
+    return "write keys from OMNICUE_INGEST_WRITE_KEYS"
 
 
 def _line_check(proc: ManagedProcess, text: str) -> Callable[[], bool]:
@@ -591,6 +622,7 @@ def run_dev(rules: Path | None, simulate: bool, broker: BrokerKind = "tansu") ->
             stack.start()
             _say(
                 f"omnicue dev ready in {time.monotonic() - started:.1f}s: "
+                f"ingest {stack.ingest_url} ({_keys_note(stack.write_keys)}), "
                 f"broker {stack.broker_url} ({stack.broker_name}), redis {stack.redis_url}, "
                 f"worker metrics {stack.metrics_url}, logs {stack.run_dir}"
             )

@@ -149,6 +149,25 @@ def broker() -> str:
     return "tansu"
 
 
+def _post_to_ingest(url: str) -> None:
+    """The dev write key works: one Segment message is accepted (and acknowledged)."""
+    import base64
+    import json
+    import urllib.request
+
+    message = {"messageId": "dev-ingest-1", "userId": "c-ingest", "event": "Video Played"}
+    request = urllib.request.Request(
+        f"{url}/v1/track",
+        data=json.dumps(message).encode(),
+        headers={
+            "Authorization": "Basic " + base64.b64encode(b"dev:").decode(),
+            "Content-Type": "application/json",
+        },
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert json.loads(response.read()) == {"success": True, "accepted": 1, "rejected": 0}
+
+
 @pytest.fixture
 def dev_process(
     tmp_path: Path, dev_args: list[str], broker: str
@@ -199,6 +218,10 @@ def test_dev_runs_the_whole_pipeline_and_stops_cleanly(
     assert redis_url.startswith("redis://127.0.0.1:")
     assert re.fullmatch(r"http://127\.0\.0\.1:\d+/metrics", metrics_url)
     assert (Path(logs) / "worker.log").is_file()
+    ingest = re.search(r"ingest (http://127\.0\.0\.1:\d+) \(write key dev, channel web\)",
+                       ready.group(0))
+    assert ingest is not None, ready.group(0)
+    _post_to_ingest(ingest.group(1))
 
     # Cart abandonment fires 10s after the last cart add; invalid events are 2% of
     # everything the simulator sends, so both show up in well under a minute.
@@ -206,8 +229,8 @@ def test_dev_runs_the_whole_pipeline_and_stops_cleanly(
     action_after = time.monotonic() - started
 
     pids = [int(p) for p in re.findall(r"\(pid (\d+)", "\n".join(out.lines))]
-    # Broker, Redis, worker, four senders, simulator.
-    assert len(pids) == 8, out.lines
+    # Broker, Redis, worker, four senders, the ingest, simulator.
+    assert len(pids) == 9, out.lines
     assert sorted(_processes_of_run(logs)) == sorted(pids[2:])
 
     proc.send_signal(signal.SIGINT)
