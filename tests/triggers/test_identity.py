@@ -253,6 +253,9 @@ def test_carts_devices_counters_and_repeat_counts_take_the_union() -> None:
         order(None, value=7.5, at=T0, customer_id="c-9"),
     ], "c-9")
     known.occurrences["views|p-1"] = [T0 + minutes(1)]
+    anonymous.last_started = {"views": T0 + minutes(3), "cart": T0}
+    known.last_started = {"cart": T0 + minutes(1)}
+    anonymous.once_started, known.once_started = ["welcome|customer"], ["vip|customer"]
     merged = merge_profiles(anonymous, known)
     assert set(merged.carts) == {"K", "S"}
     assert set(merged.carts["S"].lines) == {"p-1", "p-2"}
@@ -260,6 +263,9 @@ def test_carts_devices_counters_and_repeat_counts_take_the_union() -> None:
     # The identifying device is the newest: push goes to it.
     assert list(merged.push_tokens) == ["tok-k", "tok-a"]
     assert merged.occurrences["views|p-1"] == [T0, T0 + minutes(1), T0 + minutes(2)]
+    # Reentry and `once` see both profiles' starts.
+    assert merged.last_started == {"views": T0 + minutes(3), "cart": T0 + minutes(1)}
+    assert sorted(merged.once_started) == ["vip|customer", "welcome|customer"]
 
 
 def test_the_same_journey_in_both_profiles_collapses_into_one() -> None:
