@@ -1,0 +1,151 @@
+"""Touches and conversions, the two inputs of every measure, and identity resolution."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime
+
+from schemas.actions import Action
+from schemas.events import Alias, Event, MessageFeedback, OrderCompleted, customer_key
+
+
+@dataclass(frozen=True, slots=True)
+class Touch:
+    """An emitted action that was not reported failed, with its feedback for the funnel."""
+
+    action_id: str
+    customer_id: str
+    channel: str
+    rule_id: str
+    at: datetime
+    variant: str | None = None
+    delivered: bool = False
+    opened: bool = False
+    clicked: bool = False
+    unsubscribed: bool = False
+
+    @property
+    def order_key(self) -> tuple[datetime, str]:
+        # Touches at the same instant are ordered by action id: arbitrary, but the same
+        # whatever order the files (or a live stream) delivered them in.
+        return (self.at, self.action_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Conversion:
+    """An `order.completed`: on any channel, at `occurred_at`, for the resolved customer."""
+
+    event_id: str
+    customer_id: str
+    at: datetime
+    value: float
+    channel: str
+    cart_id: str | None = None
+
+
+def identity_links(events: Iterable[Event]) -> dict[str, str]:
+    """Customer keys that are another customer: alias `previous_id`s, and anonymous ids
+    seen on an event together with a customer id, each to that customer id."""
+    links: dict[str, str] = {}
+    for event in events:
+        if isinstance(event, Alias) and event.customer_id is not None:
+            previous = event.properties.previous_id
+            if previous != event.customer_id:
+                links[previous] = event.customer_id
+                # An anonymous previous id is keyed `anon:<id>` before it is linked.
+                links[f"anon:{previous}"] = event.customer_id
+        elif event.customer_id is not None and event.anonymous_id is not None:
+            links[f"anon:{event.anonymous_id}"] = event.customer_id
+    return links
+
+
+def resolve(links: Mapping[str, str], key: str) -> str:
+    """The customer `key` is now, following links (a merged customer may merge again)."""
+    seen = {key}
+    while key in links:
+        key = links[key]
+        if key in seen:  # a cycle (a then b then a again): stop where it closes
+            break
+        seen.add(key)
+    return key
+
+
+_STAGES = {
+    "message.delivered": ("delivered",),
+    # A provider does not report every stage (SMS has no opens, an email client may
+    # block the open pixel): a later stage implies the earlier ones.
+    "message.opened": ("delivered", "opened"),
+    "message.clicked": ("delivered", "opened", "clicked"),
+    "message.unsubscribed": ("unsubscribed",),
+}
+
+
+def touches_from(
+    actions: Iterable[Action],
+    feedback: Iterable[MessageFeedback],
+    links: Mapping[str, str] | None = None,
+) -> list[Touch]:
+    """Every action as a touch at `created_at`, less those with a `message.failed`.
+
+    Actions repeated with the same id (a redelivery) are one touch. Feedback for an
+    action not in `actions` is ignored.
+    """
+    links = links or {}
+    touches: dict[str, Touch] = {}
+    for action in actions:
+        if action.action_id not in touches:
+            touches[action.action_id] = Touch(
+                action_id=action.action_id,
+                customer_id=resolve(links, action.customer_id),
+                channel=action.channel,
+                rule_id=action.rule_id,
+                at=action.created_at,
+                variant=action.variant,
+            )
+    failed: set[str] = set()
+    for message in feedback:
+        action_id = message.properties.action_id
+        touch = touches.get(action_id)
+        if touch is None:
+            continue
+        if message.type == "message.failed":
+            failed.add(action_id)
+            continue
+        stages = _STAGES.get(message.type, ())
+        if stages:
+            touches[action_id] = replace(
+                touch,
+                delivered=touch.delivered or "delivered" in stages,
+                opened=touch.opened or "opened" in stages,
+                clicked=touch.clicked or "clicked" in stages,
+                unsubscribed=touch.unsubscribed or "unsubscribed" in stages,
+            )
+    return sorted(
+        (t for t in touches.values() if t.action_id not in failed), key=lambda t: t.order_key
+    )
+
+
+def conversions_from(
+    orders: Iterable[OrderCompleted], links: Mapping[str, str] | None = None
+) -> list[Conversion]:
+    """Orders as conversions, in time order; an event id seen again is a redelivery."""
+    links = links or {}
+    seen: set[str] = set()
+    conversions = []
+    for order in orders:
+        if order.event_id in seen:
+            continue
+        seen.add(order.event_id)
+        conversions.append(
+            Conversion(
+                event_id=order.event_id,
+                customer_id=resolve(links, customer_key(order)),
+                at=order.occurred_at,
+                value=order.properties.value,
+                channel=order.channel,
+                cart_id=order.properties.cart_id,
+            )
+        )
+    conversions.sort(key=lambda c: (c.at, c.event_id))
+    return conversions

@@ -1,0 +1,78 @@
+"""Touches, conversions and decisions for the measurement tests."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime, timedelta
+
+from measure.touches import Conversion, Touch
+from schemas.decisions import Decision
+
+T0 = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
+DAY = timedelta(days=1)
+_ids = itertools.count(1)
+
+
+def touch(
+    channel: str,
+    at: datetime,
+    customer_id: str = "c1",
+    rule_id: str = "cart_abandonment",
+    action_id: str | None = None,
+    *,
+    delivered: bool = False,
+    opened: bool = False,
+    clicked: bool = False,
+    unsubscribed: bool = False,
+) -> Touch:
+    return Touch(
+        action_id=action_id or f"act-{next(_ids):04d}",
+        customer_id=customer_id,
+        channel=channel,
+        rule_id=rule_id,
+        at=at,
+        delivered=delivered,
+        opened=opened,
+        clicked=clicked,
+        unsubscribed=unsubscribed,
+    )
+
+
+def conversion(
+    at: datetime = T0,
+    value: float = 100.0,
+    customer_id: str = "c1",
+    channel: str = "web",
+    cart_id: str | None = None,
+) -> Conversion:
+    return Conversion(
+        event_id=f"ev-{next(_ids)}",
+        customer_id=customer_id,
+        at=at,
+        value=value,
+        channel=channel,
+        cart_id=cart_id,
+    )
+
+
+def decision(
+    customer_id: str,
+    at: datetime = T0,
+    outcome: str = "fired",
+    rule_id: str = "cart_abandonment",
+    group: str | None = None,
+    journey_key: str = "_",
+    step: int = 1,
+) -> Decision:
+    return Decision.model_validate(
+        {
+            "customer_id": customer_id,
+            "rule_id": rule_id,
+            "rule_version": "v1",
+            "journey_key": journey_key,
+            "step": step,
+            "outcome": outcome,
+            "decided_at": at,
+            "group": group,
+        }
+    )
