@@ -28,18 +28,20 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local configured = tonumber(ARGV[1])
 local recovery = tonumber(ARGV[2])
-local h = redis.call('HMGET', KEYS[1], 'tokens', 'ts', 'rate')
+local h = redis.call('HMGET', KEYS[1], 'tokens', 'ts', 'rate', 'grown_at')
 local rate = math.min(configured, tonumber(h[3]) or configured)
 local ts = tonumber(h[2]) or now
+-- Recovery counts from the later of the last cut and the last take.
+local grown_at = math.max(ts, tonumber(h[4]) or ts)
+rate = math.min(configured, rate + recovery * math.max(0, now - grown_at) / 1000)
 local elapsed = math.max(0, now - ts) / 1000
-rate = math.min(configured, rate + recovery * elapsed)
 local cap = math.max(1, rate * tonumber(ARGV[3]))
 local tokens = math.min(cap, (tonumber(h[1]) or cap) + elapsed * rate)
 tokens = tokens - 1
 local wait = 0
 if tokens < 0 then wait = -tokens / rate end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now),
-           'rate', tostring(rate))
+           'rate', tostring(rate), 'grown_at', tostring(now))
 redis.call('PEXPIRE', KEYS[1], 3600000)
 return {tostring(wait), tostring(rate)}
 """
@@ -54,7 +56,8 @@ local rate = math.min(configured, tonumber(h[1]) or configured)
 local cut_at = tonumber(h[2]) or 0
 if now - cut_at >= tonumber(ARGV[3]) then
   rate = math.max(floor, rate / 2)
-  redis.call('HSET', KEYS[1], 'rate', tostring(rate), 'cut_at', tostring(now))
+  redis.call('HSET', KEYS[1], 'rate', tostring(rate), 'cut_at', tostring(now),
+             'grown_at', tostring(now))
   redis.call('PEXPIRE', KEYS[1], 3600000)
 end
 return tostring(rate)
