@@ -14,11 +14,14 @@ both brokers, for different reasons:
   faust's assignor topic `<app id>-__assignor-__leader`, which never gets a
   record). Kafka holds that fetch for the whole wait, and until it returns no
   other partition is fetched again, however soon its records are consumed.
-  Traced on Kafka 4.4.0 (issue 10): fetches naming only the assignor topic held
-  for 1.50 s while both agents had nothing to process, 1.0-1.4 s gaps between
-  batches under a steady 331 events/s. With 100 ms, at 200 events/s: pipeline
-  p50/p99 141/386 ms against 168/537 ms (medians of 3 alternated pairs, every
-  pair better), and the same throughput.
+  Measured on Kafka 4.4.0 (issue 10; `python -m bench.pipeline --broker kafka`,
+  3 alternated pairs at 800 events/s on a shared 2-core machine, load 2.2-3.4):
+  pipeline p50/p99 156/719, 371/1066, 262/1118 ms with 100 ms against
+  2860/3508, 160/1901, 2750/3429 ms with 1500 ms, every pair's p99 better. With
+  1500 ms the latency jumped to ~3 s within seconds and stayed there, and the
+  worker fell behind the load in two of the three runs (608 and 632 outputs/s).
+  On a backlog 1500 ms was 10-18% faster (fewer, fuller fetches): the price of
+  the shorter wait.
 
 An idle worker then sends ten empty fetches a second instead of two thirds of
 one: nothing for either broker.
