@@ -6,6 +6,7 @@ nothing reads the environment on its own.
 
 from __future__ import annotations
 
+import hashlib
 import socket
 from pathlib import Path
 from typing import Any, Literal, cast, get_args
@@ -34,6 +35,14 @@ class Settings(BaseSettings):
     # The URL other workers use to reach this one (forwarding customer lookups to
     # their owner); default: http://<web host, or this hostname when 0.0.0.0>:<port>.
     advertised_url: str | None = None
+    # Apache Kafka only: this worker's static member id in its consumer group, so that a
+    # restarted worker takes its partitions back at once instead of waiting for its dead
+    # member's session to expire (the dev broker runs without it).
+    worker_id: str | None = Field(
+        None,
+        description="This worker's id in its consumer group: unique per worker, the same "
+        "across its restarts. Default: the host, and a hash of the data dir and URL",
+    )
     data_dir: Path = Path(".omnicue")
     store: str = Field("rocksdb://", description="Faust table store: rocksdb:// or memory://")
     batch_size: int = Field(500, ge=1, description="Max events per processing batch")
@@ -118,6 +127,16 @@ class Settings(BaseSettings):
             return self.advertised_url
         host = socket.gethostname() if self.web_host in ("0.0.0.0", "::") else self.web_host
         return f"http://{host}:{self.web_port}"
+
+    @property
+    def group_instance_id(self) -> str:
+        """`worker_id`, or one derived from what no two workers share: the host, and
+        (on one host) the data dir (each worker's own rocksdb) and the URL (its port)."""
+        if self.worker_id:
+            return self.worker_id
+        own = f"{self.data_dir.resolve()}|{self.canonical_url}"
+        digest = hashlib.sha1(own.encode(), usedforsecurity=False).hexdigest()[:12]
+        return f"{self.app_id}-{socket.gethostname()}-{digest}"
 
     @property
     def bootstrap_servers(self) -> list[str]:

@@ -74,6 +74,11 @@ def faust_app(settings: Settings) -> faust.App:
         broker_session_timeout=session_timeout,
         broker_heartbeat_interval=min(1.0 if dev else 3.0, session_timeout / 3),
         broker_rebalance_timeout=10.0 if dev else 60.0,
+        # Static membership on Apache Kafka: a restarted worker rejoins as the member it
+        # was and gets its partitions back at once, where a new member would wait for
+        # the dead one's session to expire (measured in bench.recovery). A worker that
+        # stops for good also leaves only when its session expires.
+        consumer_group_instance_id=None if dev else settings.group_instance_id,
         table_standby_replicas=0 if dev else 1,
         stream_wait_empty=False,
         # Local state is a cache: partitions ahead of their changelog are discarded
