@@ -201,6 +201,13 @@ def replay(
             help="rees46: give each user an email and consent (the data has none)",
         ),
     ] = False,
+    report: Annotated[
+        Path | None,
+        typer.Option(
+            help="Then write report.json and report.html here (as `omnicue report`); "
+            "the decisions go here too unless --decisions says where",
+        ),
+    ] = None,
 ) -> None:
     """Backtest rules offline: replay an event log through the engine in event time."""
     from omnicue.replay import FORMATS, ReplayInputError, format_for, parse_timestamp, run_replay
@@ -216,6 +223,10 @@ def replay(
     except ValueError as exc:
         typer.echo(f"--until: {exc}", err=True)
         raise typer.Exit(2) from None
+    if report is not None:
+        report.mkdir(parents=True, exist_ok=True)
+        # Lift is measured from the decisions: the report needs them.
+        decisions = decisions or report / "decisions.jsonl"
     try:
         summary = run_replay(
             events,
@@ -238,6 +249,56 @@ def replay(
         typer.echo(f"{exc.filename or events}: {exc.strerror or exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(summary.render())
+    if report is not None and decisions is not None:
+        from omnicue.report import run_report
+
+        code = run_report(
+            events,
+            out,
+            decisions,
+            rules,
+            json_path=report / "report.json",
+            html_path=report / "report.html",
+            fmt=fmt,
+        )
+        raise typer.Exit(code)
+
+
+@app.command("report")
+def report_command(
+    events: Annotated[Path, typer.Option(help="The event log: contract JSONL or REES46 CSV")],
+    actions: Annotated[Path, typer.Option(help="Actions JSONL (omnicue replay --out)")],
+    decisions: Annotated[Path, typer.Option(help="Decisions JSONL (omnicue replay --decisions)")],
+    json_path: Annotated[Path, typer.Option("--json", help="Where to write the report (JSON)")],
+    html_path: Annotated[
+        Path | None, typer.Option("--html", help="Also write the charts (one offline HTML file)")
+    ] = None,
+    rules: Annotated[
+        Path | None, typer.Option(help="Rules file (default: the packaged rules)")
+    ] = None,
+    lookback: Annotated[str, typer.Option(help="Touches this long before an order count")] = "7d",
+    half_life: Annotated[str, typer.Option(help="Half-life of the time_decay model")] = "7d",
+    fmt: Annotated[
+        str | None,
+        typer.Option("--format", help="jsonl or rees46 (default: rees46 for .csv, else jsonl)"),
+    ] = None,
+) -> None:
+    """Did it work? Conversions, attribution by six models, holdout lift, funnels, paths."""
+    from omnicue.report import run_report
+
+    code = run_report(
+        events,
+        actions,
+        decisions,
+        rules,
+        json_path=json_path,
+        html_path=html_path,
+        fmt=fmt,
+        lookback=lookback,
+        half_life=half_life,
+    )
+    if code:
+        raise typer.Exit(code)
 
 
 @rules_app.command("apply")
