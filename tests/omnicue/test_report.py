@@ -39,6 +39,9 @@ rules:
     category: marketing
     holdout: 0.3
     conversion: {within: 5d}
+    variants:
+      a: {weight: 1}
+      b: {weight: 1, template: cart_reminder_b}
     trigger:
       event: cart.item_added
       key: properties.cart_id
@@ -106,6 +109,14 @@ def test_replay_then_report_on_generated_data(tmp_path: Path) -> None:
         assert lift["treatment"]["customers"] > 0 and lift["control"]["customers"] > 0
         lo, hi = lift["ci95"]
         assert lo <= lift["abs_lift"] <= hi
+    # Variants: the engine's own pick for every treated customer, each against the control.
+    cart = data["lift"]["cart_abandonment"]
+    assert set(cart["variants"]) == {"a", "b"}
+    variants = cart["variants"].values()
+    assert sum(v["treatment"]["customers"] for v in variants) == cart["treatment"]["customers"]
+    assert all(v["control"] == cart["control"] for v in variants)
+    sent = [orjson.loads(line) for line in (tmp_path / "actions.jsonl").read_bytes().splitlines()]
+    assert {a["variant"] for a in sent if a["rule_id"] == "cart_abandonment"} == {"a", "b"}
     assert {"push", "email"} <= set(data["funnel"])
     for funnel in data["funnel"].values():
         assert FUNNEL_KEYS <= set(funnel)
