@@ -25,11 +25,18 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 from kafka import KafkaProducer
+from pydantic import ValidationError
 
-from omnicue.producer import InvalidEvent, validate_event
+from omnicue.producer import InvalidEvent
 from omnicue.segment import MappingError, map_message
 from omnicue.settings import Settings
-from schemas.events import Channel, customer_key, event_to_json
+from schemas.events import (
+    Channel,
+    customer_key,
+    describe_validation_error,
+    event_adapter,
+    event_to_json,
+)
 from schemas.topics import EVENTS
 
 log = logging.getLogger("omnicue.ingest")
@@ -65,7 +72,7 @@ class KafkaPublisher:
             "acks": "all",
             # Concurrent requests share producer batches; a request's own messages do
             # anyway, as they are appended together.
-            "linger_ms": 2,
+            "linger_ms": 5,
             "batch_size": 256 * 1024,
             # send() blocks while the broker is unknown or the buffer is full; bounded,
             # so a request gets its 503 well within ACK_TIMEOUT.
@@ -126,8 +133,8 @@ class Outcome:
     too_large: bool = False
 
     def reject(self, index: int, message: Any, code: str, text: str) -> None:
-        message_id = message.get("messageId") if isinstance(message, Mapping) else None
-        if message_id is None and isinstance(message, Mapping):
+        message_id = message.get("messageId") if isinstance(message, dict) else None
+        if message_id is None and isinstance(message, dict):
             message_id = message.get("event_id")
         self.errors.append(
             {
@@ -169,7 +176,10 @@ def _size(message: Any) -> int:
 def _accept(outcome: Outcome, index: int, message: Any, events: list[dict[str, Any]]) -> None:
     records = []
     for event in events:
-        valid = validate_event(event)
+        try:
+            valid = event_adapter.validate_python(event)
+        except ValidationError as exc:
+            raise InvalidEvent(describe_validation_error(exc)) from exc
         records.append((customer_key(valid).encode(), event_to_json(valid)))
     outcome.records.extend(records)
     outcome.accepted += 1
@@ -179,7 +189,7 @@ def map_segment(messages: Sequence[Any], channel: Channel, received_at: datetime
     """Map and check a request's Segment messages; each one is accepted or rejected."""
     outcome = Outcome()
     for index, message in enumerate(messages):
-        if not isinstance(message, Mapping):
+        if type(message) is not dict:
             outcome.reject(index, message, "invalid", "a message must be a JSON object")
             continue
         if _size(message) > MESSAGE_LIMIT:
@@ -196,7 +206,7 @@ def check_native(messages: Sequence[Any], channel: Channel) -> Outcome:
     """Check contract events (`/v1/events`); a missing `channel` is the write key's."""
     outcome = Outcome()
     for index, message in enumerate(messages):
-        if not isinstance(message, Mapping):
+        if type(message) is not dict:
             outcome.reject(index, message, "invalid", "an event must be a JSON object")
             continue
         if _size(message) > MESSAGE_LIMIT:
