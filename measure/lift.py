@@ -38,28 +38,33 @@ class Entry:
 
 
 def entries(decisions: Iterable[Decision], resolve: Callable[[str], str] = str) -> list[Entry]:
-    """Each (rule, customer)'s first step decision, as an entry (sorted)."""
-    first: dict[tuple[str, str], Decision] = {}
+    """Each (rule, customer)'s first step decision, as an entry (sorted).
+
+    The entry is held out when any of the pair's decisions is: the engine checks a
+    step's expiry before the holdout, so a held-out customer's first decision can be
+    an `expired` suppression.
+    """
+    first: dict[tuple[str, str], datetime] = {}
+    held_out: dict[tuple[str, str], str | None] = {}
     for decision in decisions:
         if decision.outcome not in STEP_OUTCOMES:
             continue
         key = (decision.rule_id, resolve(decision.customer_id))
         seen = first.get(key)
-        if seen is None or decision.decided_at < seen.decided_at:
-            first[key] = decision
-    return sorted(
-        (
-            Entry(
-                customer_id=customer,
-                rule_id=rule,
-                at=d.decided_at,
-                held_out=d.outcome == "held_out",
-                group=d.group if d.outcome == "held_out" else None,
-            )
-            for (rule, customer), d in first.items()
-        ),
-        key=lambda e: (e.rule_id, e.customer_id),
-    )
+        if seen is None or decision.decided_at < seen:
+            first[key] = decision.decided_at
+        if decision.outcome == "held_out" and key not in held_out:
+            held_out[key] = decision.group
+    return [
+        Entry(
+            customer_id=customer,
+            rule_id=rule,
+            at=at,
+            held_out=(rule, customer) in held_out,
+            group=held_out.get((rule, customer)),
+        )
+        for (rule, customer), at in sorted(first.items())
+    ]
 
 
 def global_entries(rule_entries: Iterable[Entry], globally_held_out: Iterable[str]) -> list[Entry]:

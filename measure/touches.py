@@ -86,7 +86,9 @@ def touches_from(
     feedback: Iterable[MessageFeedback],
     links: Mapping[str, str] | None = None,
 ) -> list[Touch]:
-    """Every action as a touch at `created_at`, less those with a `message.failed`.
+    """Every action as a touch at `created_at`, less those with a `message.failed`
+    that no later `delivered`, `opened` or `clicked` overrides (a retry that went
+    through).
 
     Actions repeated with the same id (a redelivery) are one touch. Feedback for an
     action not in `actions` is ignored.
@@ -103,17 +105,21 @@ def touches_from(
                 at=action.created_at,
                 variant=action.variant,
             )
-    failed: set[str] = set()
+    failed_at: dict[str, datetime] = {}
+    reached_at: dict[str, datetime] = {}
     for message in feedback:
         action_id = message.properties.action_id
         touch = touches.get(action_id)
         if touch is None:
             continue
+        at = message.occurred_at
         if message.type == "message.failed":
-            failed.add(action_id)
+            failed_at[action_id] = max(at, failed_at.get(action_id, at))
             continue
         stages = _STAGES.get(message.type, ())
         if stages:
+            if stages != ("unsubscribed",):
+                reached_at[action_id] = max(at, reached_at.get(action_id, at))
             touches[action_id] = replace(
                 touch,
                 delivered=touch.delivered or "delivered" in stages,
@@ -121,8 +127,14 @@ def touches_from(
                 clicked=touch.clicked or "clicked" in stages,
                 unsubscribed=touch.unsubscribed or "unsubscribed" in stages,
             )
+
+    def removed(action_id: str) -> bool:
+        failed = failed_at.get(action_id)
+        reached = reached_at.get(action_id)
+        return failed is not None and (reached is None or reached < failed)
+
     return sorted(
-        (t for t in touches.values() if t.action_id not in failed), key=lambda t: t.order_key
+        (t for t in touches.values() if not removed(t.action_id)), key=lambda t: t.order_key
     )
 
 

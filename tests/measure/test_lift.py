@@ -62,6 +62,17 @@ def test_entry_is_the_first_step_decision_and_cancelled_is_no_entry() -> None:
     assert found[1].group == "rule:cart_abandonment"
 
 
+def test_a_pair_with_any_held_out_decision_is_held_out_from_its_first_decision() -> None:
+    # The engine suppresses an expired step before it checks the holdout.
+    [entry] = entries(
+        [
+            decision("c1", T0, "suppressed"),
+            decision("c1", T0 + DAY, "held_out", group="global"),
+        ]
+    )
+    assert (entry.at, entry.held_out, entry.group) == (T0, True, "global")
+
+
 def test_converted_means_an_order_after_entry_and_within_the_window() -> None:
     orders = OrderIndex(
         [

@@ -32,8 +32,8 @@ def action(action_id: str, customer_id: str = "c1", channel: str = "push", **kw:
     )
 
 
-def feedback(type_: str, action_id: str) -> MessageFeedback:
-    found = event(type_, {"action_id": action_id})
+def feedback(type_: str, action_id: str, minutes: int = 0) -> MessageFeedback:
+    found = event(type_, {"action_id": action_id}, at=T0 + timedelta(minutes=minutes))
     assert isinstance(found, MessageFeedback)
     return found
 
@@ -44,6 +44,22 @@ def test_every_action_is_a_touch_at_created_at_and_failed_removes_it() -> None:
         [feedback("message.failed", "a3"), feedback("message.failed", "unknown")],
     )
     assert [(t.action_id, t.at) for t in touches] == [("a2", T0), ("a1", T0 + timedelta(hours=1))]
+
+
+def test_a_later_delivery_overrides_a_failure_and_a_later_failure_wins() -> None:
+    touches = touches_from(
+        [action("retried"), action("failed_after"), action("same_time")],
+        [
+            feedback("message.failed", "retried", minutes=1),
+            feedback("message.delivered", "retried", minutes=5),
+            feedback("message.delivered", "failed_after", minutes=1),
+            feedback("message.failed", "failed_after", minutes=5),
+            feedback("message.failed", "same_time", minutes=1),
+            feedback("message.opened", "same_time", minutes=1),
+        ],
+    )
+    assert sorted(t.action_id for t in touches) == ["retried", "same_time"]
+    assert all(t.delivered for t in touches)
 
 
 def test_feedback_sets_funnel_flags_and_a_later_stage_implies_the_earlier() -> None:
