@@ -225,6 +225,8 @@ class Sender:
             self._limit = SharedRateLimit(client, self.channel, settings.sender_rate)
             self.metrics.rate_limit.labels(channel=self.channel).set(settings.sender_rate)
         name = f"{settings.app_id}-sender-{self.channel}"
+        session_ms = int((settings.broker_session_timeout or (6 if settings.dev_broker else 10))
+                         * 1000)  # fmt: skip
         consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.bootstrap_servers,
             client_id=name,
@@ -232,9 +234,10 @@ class Sender:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=settings.sender_max_in_flight,
-            # The dev broker takes about half the session timeout for a first join.
-            session_timeout_ms=6000 if settings.dev_broker else 45000,
-            heartbeat_interval_ms=1000 if settings.dev_broker else 3000,
+            # A SIGKILLed sender's partitions wait this long for a new owner. (The dev
+            # broker takes about half of it for a first join.)
+            session_timeout_ms=session_ms,
+            heartbeat_interval_ms=min(3000, session_ms // 6),
         )
         producer = AIOKafkaProducer(
             bootstrap_servers=settings.bootstrap_servers,
@@ -410,13 +413,16 @@ class Sender:
                 await self._release(action.action_id, token)
                 raise
         if isinstance(result, Accepted):
+            latency = (datetime.now(UTC) - action.created_at).total_seconds()
+            self.metrics.send_latency.labels(channel=self.channel).observe(max(0.0, latency))
+            # Feedback before the `sent` mark: a crash between them sends again with the
+            # same key and publishes `message.sent` again with the same event id (which
+            # the worker deduplicates), where the other order would lose the feedback.
+            await self._publish(EVENTS, action.customer_id, event_to_json(
+                feedback_event(action, datetime.now(UTC))))  # fmt: skip
             # Redis down here: wait, holding the record. A crash here lets the lease
             # lapse and the action go again with the same key, never lost.
             await self._redis(lambda: leases.mark_sent(action.action_id))
-            latency = (datetime.now(UTC) - action.created_at).total_seconds()
-            self.metrics.send_latency.labels(channel=self.channel).observe(max(0.0, latency))
-            await self._publish(EVENTS, action.customer_id, event_to_json(
-                feedback_event(action, datetime.now(UTC))))  # fmt: skip
             self._count("sent")
             return
         await self._rejected(action, attempt, result, token)
