@@ -9,10 +9,13 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
+import redis
+
 from omnicue.services import RedisServer, TansuBroker, free_port
 from omnicue.settings import Settings
 from omnicue.topics import create_topics
 from schemas.events import MessageFeedback
+from senders.lease import lease_key
 from tests.senders.harness import feedback, make_action, metric, produce, webhook_sender
 from tests.senders.provider import SECRET, RecordingProvider
 
@@ -141,3 +144,33 @@ def test_two_processes_of_a_channel_share_its_rate(
     assert times[-1] - times[0] >= (24 - 1) / 6 - 0.3
     handled = [s.log_text().count("sender kakao assigned") for s in senders]
     assert all(handled), handled
+
+
+def test_an_action_another_sender_holds_waits_for_it(
+    fresh_broker: TansuBroker,
+    settings_factory: Callable[..., Settings],
+    redis_server: RedisServer,
+    tmp_path: Path,
+) -> None:
+    settings = settings_factory(broker=fresh_broker.url)
+    create_topics(settings)
+    client = redis.Redis.from_url(redis_server.url)
+    orphaned, finished = make_action(), make_action()
+    with RecordingProvider() as provider, webhook_sender(
+        settings, "sms", provider.url, SECRET, tmp_path / "sender.log", free_port()
+    ) as sender:
+        sender.wait_for_line(r"^sender sms ready$", timeout=30)
+        # Two leases of "another sender": one that dies (its lease lapses in 4 s), one
+        # that finishes and marks its action sent while ours waits.
+        client.set(lease_key(orphaned.action_id), b"sending:other", px=4000)
+        client.set(lease_key(finished.action_id), b"sending:other", px=4000)
+        leased_at = time.monotonic()
+        produce(fresh_broker.bootstrap_server, [orphaned, finished])
+        time.sleep(1.0)
+        assert provider.keys() == []
+        client.set(lease_key(finished.action_id), b"sent", ex=60)
+        provider.wait_delivered({orphaned.action_id}, timeout=20)
+        assert provider.delivered[orphaned.action_id] - leased_at >= 3.5
+        sender.wait_for_line(f"duplicate action {finished.action_id}")
+        assert sender.stop() == 0, sender.log_tail()
+    assert provider.keys() == [orphaned.action_id]
