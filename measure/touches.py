@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 
 from schemas.actions import Action
+from schemas.decisions import Decision
 from schemas.events import Alias, Event, MessageFeedback, OrderCompleted, customer_key
 
 
@@ -58,6 +59,23 @@ def identity_links(events: Iterable[Event]) -> dict[str, str]:
         elif event.customer_id is not None and event.anonymous_id is not None:
             links[f"anon:{event.anonymous_id}"] = event.customer_id
     return links
+
+
+# Identity decisions (`triggers.identity`) that fold `profile` into `customer_id`.
+MERGE_REASONS = frozenset({"identity_merged", "anonymous_idle"})
+
+
+def decision_links(decisions: Iterable[Decision]) -> dict[str, str]:
+    """The engine's own merges, from its identity decisions: the retired profile to
+    the one it went into. Put them over `identity_links`: they are what happened."""
+    return {
+        d.profile: d.customer_id
+        for d in decisions
+        if d.outcome == "identity"
+        and d.reason in MERGE_REASONS
+        and d.profile is not None
+        and d.profile != d.customer_id
+    }
 
 
 def resolve(links: Mapping[str, str], key: str) -> str:

@@ -20,7 +20,13 @@ from typing import IO, Any, TextIO, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from measure.report import ReportConfig, build_report
-from measure.touches import conversions_from, identity_links, resolve, touches_from
+from measure.touches import (
+    conversions_from,
+    decision_links,
+    identity_links,
+    resolve,
+    touches_from,
+)
 from omnicue.replay import MAX_REPORTED_INVALID, Format, Rees46Reader, read_jsonl
 from omnicue.rules import read_rules_file
 from schemas.actions import Action
@@ -141,7 +147,7 @@ def make_report(
         measured = read_events(stream, fmt)
     actions = read_records(actions_path, Action, err)
     decisions = read_records(decisions_path, Decision, err)
-    links = identity_links(measured.identity)
+    links = identity_links(measured.identity) | decision_links(decisions)
 
     def resolved(key: str) -> str:
         return resolve(links, key)

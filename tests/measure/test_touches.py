@@ -3,8 +3,15 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from measure.touches import conversions_from, identity_links, resolve, touches_from
+from measure.touches import (
+    conversions_from,
+    decision_links,
+    identity_links,
+    resolve,
+    touches_from,
+)
 from schemas.actions import Action, Recipient
+from schemas.decisions import Decision
 from schemas.events import MessageFeedback, OrderCompleted
 from tests.factories import event, order
 from tests.measure.builders import T0
@@ -85,6 +92,15 @@ def test_orders_are_conversions_of_the_resolved_customer() -> None:
     assert isinstance(anonymous, OrderCompleted)
     [conversion] = conversions_from([anonymous, anonymous], links)
     assert (conversion.customer_id, conversion.value, conversion.channel) == ("c7", 12.5, "store")
+
+
+def test_the_engines_merge_decisions_are_links() -> None:
+    merged = Decision(
+        customer_id="c1", rule_id="identity", rule_version="", journey_key="anonymous_id",
+        step=0, outcome="identity", reason="identity_merged", decided_at=T0, profile="anon:d1",
+    )  # fmt: skip
+    shared = merged.model_copy(update={"reason": "shared_device", "profile": "anon:d2"})
+    assert decision_links([merged, shared]) == {"anon:d1": "c1"}
 
 
 def test_resolve_stops_on_a_cycle() -> None:
