@@ -103,7 +103,7 @@ class SenderMetrics:
         r = self.registry
         self.actions = Counter(
             "omnicue_sender_actions",
-            "Actions handled by a sender, by channel and outcome (sent|duplicate|failed)",
+            "Actions handled by a sender, by channel and outcome (sent|duplicate|expired|failed)",
             ["channel", "outcome"],
             registry=r,
         )

@@ -56,8 +56,10 @@ from senders.transports import (
 
 log = logging.getLogger(__name__)
 
-Outcome = Literal["sent", "duplicate", "failed"]
-OUTCOMES: tuple[Outcome, ...] = ("sent", "duplicate", "failed")
+# `expired` stays apart from the other failures (the sender-lag alert watches it);
+# `omnicue_sender_failed_total{reason}` counts both.
+Outcome = Literal["sent", "duplicate", "expired", "failed"]
+OUTCOMES: tuple[Outcome, ...] = ("sent", "duplicate", "expired", "failed")
 T = TypeVar("T")
 
 _POLL_TIMEOUT_MS = 500
@@ -463,7 +465,7 @@ class Sender:
         event = feedback_event(action, datetime.now(UTC), failed=reason)
         await self._publish(EVENTS, action.customer_id, event_to_json(event))
         self.metrics.failed.labels(channel=self.channel, reason=reason).inc()
-        self._count("failed")
+        self._count("expired" if reason == "expired" else "failed")
 
     async def _release(self, action_id: str, token: bytes) -> None:
         assert self._leases is not None

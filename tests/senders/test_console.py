@@ -193,7 +193,7 @@ def test_sender_process_sends_once_counts_outcomes_and_publishes_feedback(
             ],
         )
         sender.wait_for_line(re.escape(action.action_id))
-        _wait_for_outcomes(metrics_port, {"sent": 1, "duplicate": 1, "failed": 1})
+        _wait_for_outcomes(metrics_port, {"sent": 1, "duplicate": 1, "expired": 1, "failed": 0})
         assert sender.running, sender.log_tail()
         assert sender.stop() == 0, sender.log_tail()
 
@@ -224,7 +224,7 @@ def test_sender_process_sends_once_counts_outcomes_and_publishes_feedback(
         sender.wait_for_line(r"^sender push ready$")
         _produce(fresh_broker, [(later.customer_id, later.model_dump_json().encode())])
         sender.wait_for_line(re.escape(later.action_id))
-        _wait_for_outcomes(metrics_port, {"sent": 1, "duplicate": 0, "failed": 0})
+        _wait_for_outcomes(metrics_port, {"sent": 1, "duplicate": 0, "expired": 0, "failed": 0})
     finally:
         assert sender.stop() == 0, sender.log_tail()
 

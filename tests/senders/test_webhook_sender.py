@@ -47,6 +47,9 @@ def test_retries_never_block_other_customers_and_failures_are_reported(
             events = feedback(fresh_broker.bootstrap_server, settings.partitions, want=9)
 
             assert metric(port, "omnicue_sender_actions_total", channel="sms", outcome="sent") == 7
+            for outcome in ("expired", "failed"):
+                assert metric(port, "omnicue_sender_actions_total", channel="sms",
+                              outcome=outcome) == 1  # fmt: skip
             assert metric(port, "omnicue_sender_failed_total", channel="sms",
                           reason="http_400") == 1  # fmt: skip
             assert metric(port, "omnicue_sender_failed_total", channel="sms",
