@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
 import typer
 
@@ -12,6 +12,7 @@ from omnicue.settings import Settings
 
 if TYPE_CHECKING:
     from omnicue.dlq import Selection
+    from schemas.events import Channel
     from triggers.ruleset import RuleSet
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -177,7 +178,9 @@ def dev(
 
 @app.command()
 def replay(
-    events: Annotated[Path, typer.Argument(help="Event log: contract JSONL or REES46 CSV")],
+    events: Annotated[
+        Path, typer.Argument(help="Event log: contract JSONL, Segment JSONL or REES46 CSV")
+    ],
     out: Annotated[Path, typer.Option("--out", help="Where to write the actions (JSONL)")],
     decisions: Annotated[
         Path | None, typer.Option(help="Also write the decisions (JSONL) here")
@@ -191,7 +194,11 @@ def replay(
     ] = None,
     fmt: Annotated[
         str | None,
-        typer.Option("--format", help="jsonl or rees46 (default: rees46 for .csv, else jsonl)"),
+        typer.Option(
+            "--format",
+            help="jsonl, segment (Segment messages, mapped as `omnicue ingest` maps them) "
+            "or rees46 (default: rees46 for .csv, else jsonl)",
+        ),
     ] = None,
     progress: Annotated[bool, typer.Option("--progress", help="Progress bar on stderr")] = False,
     synthetic_contacts: Annotated[
@@ -201,6 +208,10 @@ def replay(
             help="rees46: give each user an email and consent (the data has none)",
         ),
     ] = False,
+    channel: Annotated[
+        str,
+        typer.Option(help="segment: the channel of messages that name none (a write key's)"),
+    ] = "web",
     report: Annotated[
         Path | None,
         typer.Option(
@@ -210,13 +221,27 @@ def replay(
     ] = None,
 ) -> None:
     """Backtest rules offline: replay an event log through the engine in event time."""
-    from omnicue.replay import FORMATS, ReplayInputError, format_for, parse_timestamp, run_replay
+    from omnicue.replay import (
+        REPLAY_FORMATS,
+        ReplayInputError,
+        format_for,
+        parse_timestamp,
+        run_replay,
+    )
+    from omnicue.segment import CHANNELS
     from schemas.rules import RulesError
 
     if fmt is None:
         fmt = format_for(events)
-    if fmt not in FORMATS:
-        typer.echo(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}", err=True)
+    if fmt not in REPLAY_FORMATS:
+        typer.echo(f"--format must be one of {', '.join(REPLAY_FORMATS)}, not {fmt!r}", err=True)
+        raise typer.Exit(2)
+    if channel not in CHANNELS:
+        typer.echo(f"--channel must be one of {', '.join(sorted(CHANNELS))}", err=True)
+        raise typer.Exit(2)
+    if report is not None and fmt == "segment":
+        # `omnicue report` reads the event log again, and reads no Segment messages yet.
+        typer.echo("--report needs a jsonl or rees46 log, not segment", err=True)
         raise typer.Exit(2)
     try:
         horizon = parse_timestamp(until) if until is not None else None
@@ -238,6 +263,7 @@ def replay(
             progress,
             _settings(),
             synthetic_contacts=synthetic_contacts,
+            segment_channel=cast("Channel", channel),
         )
     except RulesError as exc:
         typer.echo(str(exc), err=True)

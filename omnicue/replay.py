@@ -1,9 +1,10 @@
 """`omnicue replay`: backtest rules on a recorded event log, offline.
 
-The readers turn a file into events (the JSONL contract, or the public REES46
-e-commerce CSV); `triggers.replay` drives the live engine over them in event time;
-this module writes the actions and decisions as JSONL, in the same JSON as the
-stream worker sends them, and summarises the run.
+The readers turn a file into events (the JSONL contract, Segment-spec JSONL through
+the HTTP ingest's mapping, or the public REES46 e-commerce CSV); `triggers.replay`
+drives the live engine over them in event time; this module writes the actions and
+decisions as JSONL, in the same JSON as the stream worker sends them, and
+summarises the run.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, Literal, TextIO
 
+import orjson
 from pydantic import ValidationError
 
 from omnicue.rules import load_rules
@@ -29,6 +31,7 @@ from omnicue.settings import Settings
 from schemas.events import (
     CartItemAdded,
     CartItemRemoved,
+    Channel,
     ConsentUpdated,
     Event,
     Identify,
@@ -41,8 +44,11 @@ from schemas.events import (
 from triggers.engine import EnginePolicy
 from triggers.replay import InvalidLine, Replayer, ReplayStats
 
-Format = Literal["jsonl", "rees46"]
+Format = Literal["jsonl", "rees46", "segment"]
+# What every reader of event logs takes (`omnicue report` too).
 FORMATS: tuple[Format, ...] = ("jsonl", "rees46")
+# `omnicue replay` also reads Segment messages (`read_segment`).
+REPLAY_FORMATS: tuple[Format, ...] = (*FORMATS, "segment")
 
 REES46_COLUMNS = (
     "event_time",
@@ -98,6 +104,47 @@ def read_jsonl(
             if on_invalid is not None:
                 on_invalid(invalid)
             yield invalid
+
+
+def read_segment(
+    stream: IO[bytes],
+    channel: Channel = "web",
+    on_invalid: OnInvalid | None = None,
+    on_line: Callable[[], None] | None = None,
+) -> Iterator[Event | InvalidLine]:
+    """Segment messages, one per line (an export, or what a client sent), mapped as
+    `omnicue ingest` maps them (`omnicue.segment`). `channel` stands for the write
+    key's; a message without `timestamp` or `originalTimestamp` takes its
+    `receivedAt`, and one without any of them is invalid."""
+    from omnicue.segment import MappingError, map_message
+
+    for number, line in enumerate(stream, 1):
+        if on_line is not None and number % _PROGRESS_EVERY == 0:
+            on_line()
+        if not line.strip():
+            continue
+        try:
+            message = orjson.loads(line)
+            if type(message) is not dict:
+                raise MappingError("a message must be a JSON object")
+            received = message.get("receivedAt")
+            if "timestamp" not in message and "originalTimestamp" not in message:
+                if not isinstance(received, str):
+                    raise MappingError("timestamp: required (or originalTimestamp, receivedAt)")
+                message = {**message, "timestamp": received}
+            # The time stands in only where the message has none, which is ruled out.
+            mapped = map_message(message, channel, datetime.min.replace(tzinfo=UTC))
+            events = [event_adapter.validate_python(event) for event in mapped]
+        except (orjson.JSONDecodeError, MappingError, ValidationError) as exc:
+            error = (
+                describe_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
+            )
+            invalid = InvalidLine(number, error)
+            if on_invalid is not None:
+                on_invalid(invalid)
+            yield invalid
+            continue
+        yield from events
 
 
 class Rees46Reader:
@@ -448,6 +495,7 @@ def run_replay(
     settings: Settings,
     *,
     synthetic_contacts: bool = False,
+    segment_channel: Channel = "web",
     stderr: TextIO | None = None,
 ) -> ReplaySummary:
     """Replay `events_path` through the engine; write actions (and decisions) as JSONL.
@@ -456,8 +504,8 @@ def run_replay(
     the format, and `OSError` when a file cannot be read or written; invalid lines
     are reported on stderr and counted, never fatal.
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if fmt not in REPLAY_FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(REPLAY_FORMATS)}")
     err = stderr if stderr is not None else sys.stderr
     rules = load_rules(rules_path)
     policy = EnginePolicy(
@@ -484,6 +532,10 @@ def run_replay(
                 on_line=console.tick,
             )
             items: Iterator[Event | InvalidLine] = iter(rees46)
+        elif fmt == "segment":
+            items = read_segment(
+                raw, segment_channel, on_invalid=console.invalid, on_line=console.tick
+            )
         else:
             items = read_jsonl(raw, on_invalid=console.invalid, on_line=console.tick)
         # The live workers' lateness, so that a backtest agrees with them when behind.
