@@ -150,11 +150,16 @@ def anonymous_profile(anonymous_id: str, generation: int = 0) -> str:
 
 
 def needs_resolution(identity: IdentityMap, event: Event) -> bool:
-    """False when the event's profile is plainly its `customer_id` (the common case,
-    answered without building a `Resolution`)."""
-    return event.anonymous_id is not None or event.type in _IDENTITY_TYPES or bool(
-        identity.aliases
-    )
+    """False when the event's profile is plainly its `customer_id` and it changes
+    nothing in the map (the common case, answered without building a `Resolution`):
+    no anonymous id, or one linked to that customer already."""
+    if event.type in _IDENTITY_TYPES or identity.aliases:
+        return True
+    anonymous_id = event.anonymous_id
+    if anonymous_id is None:
+        return False
+    device = identity.devices.get(anonymous_id)
+    return device is None or device.customer_id != event.customer_id
 
 
 def canonical(identity: IdentityMap, customer_id: str) -> str:

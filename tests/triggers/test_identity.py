@@ -116,6 +116,13 @@ def test_events_without_an_anonymous_id_need_no_resolution() -> None:
     assert not needs_resolution(identity, order("K", customer_id="c-9"))
     assert needs_resolution(identity, cart_add("K", **ANON))
     assert needs_resolution(identity, identify(customer_id="c-9"))
+    both = order("K", customer_id="c-9", anonymous_id="a-1")
+    assert needs_resolution(identity, both)
+    step(identity, both)
+    # Linked already: the same answer as `resolve`, without it.
+    assert not needs_resolution(identity, order("K", customer_id="c-9", anonymous_id="a-1"))
+    assert resolve(identity, both, T0, POLICY) == Resolution("c-9")
+    assert needs_resolution(identity, cart_add("K", **ANON))
     step(identity, alias("c-1", "c-2"), profiles=("c-1",))
     assert needs_resolution(identity, order("K", customer_id="c-9"))
 
