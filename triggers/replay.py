@@ -98,6 +98,7 @@ class ReplayStats:
     reasons: Counter[tuple[str, str]] = field(default_factory=_reason_counter)
     # "YYYY-MM-DDTHH:00Z" of the action's `created_at` -> actions
     actions_per_hour: Counter[str] = field(default_factory=Counter)
+    # Profiles at the end (those merged into another, or dropped at a link, not counted).
     customers: int = 0
     # Profiles merged into another (anonymous ones at a link, customers by an alias);
     # their identity decisions are in `outcomes` and `reasons` under "identity".
@@ -284,13 +285,15 @@ class Replayer:
             source = self.states.pop(source_key, None)
             if source is None:
                 continue
-            self.stats.merges += 1
+            # Merged or dropped, it is no customer of its own any more.
+            self.stats.customers -= 1
             raw_source = source_key.encode()
             if self.schedule.due_at(raw_source) is not None:
                 self.schedule.set_due(raw_source, None, _PARTITION)
             state, decision = absorb(source, state, now, self.identity_policy, event.event_id)
             if decision is not None:
                 decisions.append(decision)
+                self.stats.merges += decision.reason == "identity_merged"
         self.states[key] = state
         return key, state, decisions
 

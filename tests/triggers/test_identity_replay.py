@@ -74,6 +74,7 @@ def test_a_redelivered_link_merges_once() -> None:
     replayer = Replayer(RULES, POLICY)
     outputs = list(replayer.run([*log[:4], link, link, log[4]], until=T0 + timedelta(days=2)))
     assert replayer.stats.merges == 1 and replayer.stats.duplicates == 2
+    assert replayer.stats.customers == 1
     assert "anon:a-1" not in replayer.states
     merged = replayer.states["c-9"]
     assert merged.merged_profiles == ["anon:a-1"] and merged.order_count == 1
