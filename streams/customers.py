@@ -68,6 +68,7 @@ async def process_batch(p: Pipeline, batch: Sequence[EventT[bytes]]) -> None:
     p.metrics.batch_events.observe(len(batch))
     now = p.clock()
     outbox = Outbox(p.sender)
+    states: list[tuple[EventT[bytes], bytes, bytes]] = []
     for key, inputs in groups.items():
         last = inputs[-1][0].message
         _use_event_context(inputs[-1][0])
@@ -114,11 +115,21 @@ async def process_batch(p: Pipeline, batch: Sequence[EventT[bytes]]) -> None:
             if due is not None and due <= now:
                 # Due in the past, the timer task would send it again at every tick.
                 due = now + TIMER_FAILURE_RETRY
-        p.customers[key] = run.state.model_dump_json(exclude_defaults=True).encode()
+        state = run.state.model_dump_json(exclude_defaults=True).encode()
+        states.append((inputs[-1][0], key, state))
         p.schedule.set_due(key, due, last.partition)
         for out, arrived in run.outputs:
             emit(p, key, out, outbox, arrived)
+    # What the batch decided reaches the broker before the states that record it: a
+    # state written first (RocksDB at once, the changelog soon after) survived a SIGKILL
+    # before the flush, and the inputs, processed again, decided nothing (issue 9: cart
+    # reminders lost, their journeys no longer pending after the restart). A kill after
+    # the flush, before the states reach the changelog, sends the outputs again instead:
+    # the same records (deterministic action ids), which senders deliver once.
     await outbox.flush()
+    for event, key, written in states:
+        _use_event_context(event)
+        p.customers[key] = written
     p.metrics.timers_pending.set(len(p.schedule))
 
 
