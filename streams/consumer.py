@@ -66,12 +66,20 @@ class DeliveryGuard:
     `C + 1`) is not even a gap, and `C` is committed past as well.
 
     Such a jump happens when records reach the loop from a position the consumer
-    no longer has: a fetch that was in flight when a rebalance sought the partition
-    back to its committed offset (faust compares the generation only after the
-    fetch returned), or records still in a fetch result after the queues were
-    cleared. Shown with faust's own bookkeeping in tests/streams/test_consumer.py:
-    committed 100, a stale fetch from 150, then the real one from 100: faust
-    delivers 150-159, drops 100-158 and commits past 100-149.
+    no longer has: a fetch that was in flight when the partition was sought back to
+    its committed offset (faust compares the generation only after the fetch
+    returned). Traced in the crash test (tests/e2e/test_crash.py, Tansu, before
+    this guard): a worker starting on a backlog had fetched customer-inputs[6] up
+    to 815 while it recovered; `perform_seek` put it back to the committed 777; 1 ms
+    later the loop got 816 from a fetch made before the seek: faust acked
+    778-816 as a gap, dropped 777-815 when they came again (2,214 records
+    dropped over all partitions), and its next commit was 795. Its predecessor had
+    decided those records, so nothing went missing that time; records not yet
+    processed when the seek came are lost that way, as in issue 9's ranges of
+    `omnicue.events`. Shown with faust's own
+    bookkeeping in tests/streams/test_consumer.py: committed 100, a stale fetch
+    from 150, then the real one from 100: faust delivers 150-159, drops 100-158
+    and commits past 100-149.
 
     Our topics hold no offsets without records (no compaction, no transactions),
     so a jump is never a real gap: the guard drops what does not follow, seeks
