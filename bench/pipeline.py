@@ -7,7 +7,7 @@
 One fresh broker per store and phase: Tansu (the dev broker, the default), or with
 `--broker kafka` Apache Kafka (`omnicue.kafka_broker`; needs Java 17+), where the
 workers run as in production, without the dev-broker workarounds
-(`OMNICUE_DEV_BROKER=false`: normal producer batching, faust's own fetch wait).
+(`OMNICUE_DEV_BROKER=false`: normal producer batching, idempotent producers).
 The same events (an identify per
 customer first, then product.viewed / cart.item_added) are pre-produced to an input
 topic per system. Each worker then starts on that backlog, and its sustained rate is
@@ -30,7 +30,11 @@ on the same backlog; it has no latency phase.
 
 CPU use of the worker, the broker, the bench and of everything else on the machine
 is recorded: with 2 cores, anyone else's test run makes the figures unreliable, and
-the report says so. Results: a table on stdout and bench/results/latest.json. Every
+the report says so, with the load average beside every figure, and each throughput
+run's rate per worker core, which such contention moves far less than the rate.
+`--trace` runs the workers under bench/trace.py, which records where their wall
+clock goes (event loop idle, runnable but waiting for a CPU, spans of batches,
+flushes, commits and fetches). Results: a table on stdout and bench/results/latest.json. Every
 child (broker, workers, py-spy) is stopped on exit, error, Ctrl-C or SIGTERM.
 Results of a Kafka run go to bench/results/latest-kafka.json instead, so the two
 brokers' figures are never mixed up.
@@ -127,6 +131,11 @@ class ThroughputRun:
     rate: float  # outputs/s between 10% and 90%, producer timestamps
     rate_received: float  # the same on the bench's receive times
     rate_by_decile: list[float]  # outputs/s in each tenth of the outputs: drift shows here
+    # rate / worker cores used: what the worker does per CPU second, which other
+    # processes on the machine move far less than the rate itself (a starved worker
+    # sits runnable, not idle: bench/trace.py's runqueue figures).
+    rate_per_core: float
+    loadavg_1m: float  # the machine's 1-minute load average when the run ended
     # Cores used between 10% and 90% (1.0 = one full core) by worker, broker, bench,
     # and by other processes on the machine (a busy machine makes the run unreliable).
     cpu: dict[str, float]
@@ -156,6 +165,7 @@ class LatencyRun:
     # batch start -> action sent, action sent -> consumed by the bench.
     stage_p50_ms: dict[str, float]
     p50_ms_by_second: list[float]
+    loadavg_1m: float  # the machine's 1-minute load average when the load ended
 
 
 # -- processes ----------------------------------------------------------------
@@ -487,6 +497,12 @@ class Bench:
             args = [sys.executable, "-m", "omnicue.cli", "worker"]
             extra = {"OMNICUE_RULES": str(rules), "OMNICUE_APP_ID": f"omnicue-bench-{store}"}
             output, id_field = ACTIONS["email"], "trigger_event_id"
+        if self.args.trace or "BENCH_SET" in self.args.worker_env:
+            # bench/trace.py wraps the worker's event loops and spans, or sets the
+            # constants of an A/B experiment; the code under test is unchanged.
+            args = [sys.executable, "-m", "bench.trace", *args[2:]]
+        if self.args.trace:
+            extra["BENCH_TRACE"] = str(self.workdir / f"trace-{self.phase}-{system}.jsonl")
         worker = ManagedProcess(
             args,
             env=child_env(settings, {**extra, **self.args.worker_env}),
@@ -542,7 +558,9 @@ class Bench:
         raw = profiler.stop()
         # Only the summary goes to results/: the raw stacks (MBs) stay in the kept work dir.
         RESULTS.mkdir(parents=True, exist_ok=True)
-        summary = RESULTS / raw.name.replace(".txt", ".summary.txt")
+        # Per broker: a Kafka profile must not overwrite the Tansu one beside it.
+        suffix = "-kafka.summary.txt" if self.args.broker == "kafka" else ".summary.txt"
+        summary = RESULTS / raw.name.replace(".txt", suffix)
         summary.write_text(profile.summarize(raw) + "\n", encoding="utf-8")
         log(f"profile: {summary} (raw stacks: {raw})")
 
@@ -589,8 +607,15 @@ class Bench:
                 round(steady_rate(produced, i / 10, (i + 1) / 10), 1) for i in range(10)
             ],
             cpu=cpu["low"].usage(cpu["high"]),
+            rate_per_core=0.0,
+            loadavg_1m=round(os.getloadavg()[0], 2),
         )
-        log(f"{system}/{store}: {run.rate:.0f} events/s (cores used: {format_cpu(run.cpu)})")
+        if run.cpu["worker"] > 0:
+            run.rate_per_core = round(run.rate / run.cpu["worker"], 1)
+        log(
+            f"{system}/{store}: {run.rate:.0f} events/s, {run.rate_per_core:.0f} per worker core"
+            f" (cores used: {format_cpu(run.cpu)}, load {os.getloadavg()[0]:.2f})"
+        )
         return run
 
     def latency(
@@ -706,10 +731,11 @@ class Bench:
             output_rate=round(sent_in_window / (end - start), 1),
             stage_p50_ms={k: round(statistics.median(v), 1) for k, v in stages.items() if v},
             p50_ms_by_second=[round(statistics.median(v)) for _, v in sorted(by_second.items())],
+            loadavg_1m=round(os.getloadavg()[0], 2),
         )
         log(
             f"latency {system}/{store}: p50 {run.p50_ms:.0f} ms, p99 {run.p99_ms:.0f} ms "
-            f"(cores used: {format_cpu(run.cpu)})"
+            f"(cores used: {format_cpu(run.cpu)}, load {run.loadavg_1m:.2f})"
         )
         return run
 
@@ -795,15 +821,18 @@ def print_report(result: dict[str, Any]) -> None:
     )
     print()
     cpu_broker = f"cpu {c['broker']}"
-    header = f"{'system':<10}{'store':<9}{'events/s':>10}{'(recv)':>9}{'startup s':>11}"
+    header = f"{'system':<12}{'store':<9}{'events/s':>10}{'(recv)':>9}{'/core':>8}{'startup s':>11}"
     header += f"{'total s':>9}{'dup':>6}{'cpu worker':>12}{cpu_broker:>11}{'cpu others':>12}"
+    header += f"{'load':>7}"
     print(header)
     print("-" * len(header))
     for r in result["runs"]:
         print(
-            f"{r['system']:<10}{r['store']:<9}{r['rate']:>10.0f}{r['rate_received']:>9.0f}"
+            f"{r['system']:<12}{r['store']:<9}{r['rate']:>10.0f}{r['rate_received']:>9.0f}"
+            f"{r.get('rate_per_core', 0):>8.0f}"
             f"{r['startup_s']:>11.1f}{r['total_s']:>9.1f}{r['duplicates']:>6}"
             f"{r['cpu']['worker']:>12.2f}{r['cpu']['broker']:>11.2f}{r['cpu']['others']:>12.2f}"
+            f"{r.get('loadavg_1m', float('nan')):>7.2f}"
         )
     busy = [r for r in (*result["runs"], *result["latency"]) if r["cpu"]["others"] > 0.15]
     if busy:
@@ -853,7 +882,8 @@ def print_report(result: dict[str, Any]) -> None:
             f"  p50 by second of load (ms): {lat['p50_ms_by_second']}\n"
             f"  worker histogram (due -> emitted): p50 <= {lat['worker_p50_le_s']} s,"
             f" p99 <= {lat['worker_p99_le_s']} s\n"
-            f"  cores used: {format_cpu(lat['cpu'])}"
+            f"  cores used: {format_cpu(lat['cpu'])},"
+            f" load {lat.get('loadavg_1m', float('nan')):.2f}"
         )
 
 
@@ -923,6 +953,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--profile",
         action="store_true",
         help="py-spy each worker; raw stacks and summaries go to bench/results/",
+    )
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="trace each worker's idle time, waits and spans (bench/trace.py) into the work dir",
     )
     parser.add_argument(
         "--output",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import pipeline, profile, workload
+from bench import pipeline, profile, trace, workload
 from omnicue import services
 from omnicue.kafka_broker import JAVA_MISSING, KAFKA_VERSION
 from omnicue.rules import parse_rules_text
@@ -126,6 +126,44 @@ def test_tiny_bench_run_measures_every_system_and_leaves_nothing_running(
     assert all(x["missing"] == 0 for x in result["latency"])
     # Every child (broker, workers) was stopped, not just abandoned.
     assert services._live <= running_before
+
+
+def test_trace_overrides_set_module_constants_for_an_experiment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import streams.consumer
+
+    monkeypatch.setattr(streams.consumer, "FETCH_MAX_WAIT_MS", streams.consumer.FETCH_MAX_WAIT_MS)
+    monkeypatch.setattr(workload, "RULES_YAML", workload.RULES_YAML)
+    trace.apply_overrides(
+        "streams.consumer.FETCH_MAX_WAIT_MS=1500; bench.workload.RULES_YAML=@bench.trace:__name__"
+    )
+    assert streams.consumer.FETCH_MAX_WAIT_MS == 1500
+    assert workload.RULES_YAML == "bench.trace"
+    with pytest.raises(SystemExit, match="no NOPE"):
+        trace.apply_overrides("streams.consumer.NOPE=1")
+
+
+def test_trace_names_the_innermost_awaits_of_a_task() -> None:
+    import asyncio
+
+    async def inner(gate: asyncio.Event) -> None:
+        await gate.wait()
+
+    async def outer(gate: asyncio.Event) -> None:
+        await inner(gate)
+
+    async def main() -> str:
+        gate = asyncio.Event()
+        task = asyncio.create_task(outer(gate))
+        await asyncio.sleep(0)
+        chain = trace._chain(task.get_coro())
+        gate.set()
+        await task
+        return chain
+
+    chain = asyncio.run(main())
+    assert "outer@" in chain and "inner@" in chain and chain.index("outer@") < chain.index("inner@")
 
 
 def test_a_kafka_bench_run_has_its_own_results_file() -> None:
