@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 from datetime import timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -117,3 +118,36 @@ async def test_the_rebuild_yields_to_the_agents_and_schedules_every_owned_custom
     assert {key: p.schedule.due_at(key) for key in expected} == expected
     assert len(p.schedule) == len(expected)
     assert all(due == T0 + timedelta(minutes=30) for due in expected.values())
+
+
+async def test_the_rebuild_reads_a_rocksdb_store_partition_by_partition(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from faust.stores.rocksdb import Store as RocksDBStore
+
+    from omnicue.settings import Settings
+    from streams.app import create_app
+
+    settings = Settings(store="rocksdb://", data_dir=tmp_path / "data", partitions=4)
+    p = create_app(settings, ruleset())
+    store = p.customers.data
+    assert isinstance(store, RocksDBStore) and store.use_rocksdict
+    raw = stored(identify(), consent("email"), cart_add("K"))
+    due = CustomerState.model_validate_json(raw).next_due()
+    keys = [f"c{i}".encode() for i in range(40)]
+    for key in keys:
+        partition = partition_for(key, 4)
+        store._db_for_partition(partition).put(key, raw)
+    for partition in range(4):
+        store.set_persisted_offset(TP(p.customers.changelog_topic.get_topic_name(), partition), 9)
+    owned = {1, 3}
+    expected = {k: partition_for(k, 4) for k in keys if partition_for(k, 4) in owned}
+    assert expected and len(expected) < len(keys)
+    states = list(timers._owned_states(p, owned))
+    assert {key: partition for key, _, partition in states} == expected
+    assert all(value == raw for _, value, _ in states), "not the stored offsets"
+
+    monkeypatch.setattr(timers, "_owned_partitions", lambda p: owned)
+    await timers.rebuild_from_table(p, chunk=3)
+    assert len(p.schedule) == len(expected)
+    assert all(p.schedule.due_at(key) == due for key in expected)
