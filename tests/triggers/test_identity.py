@@ -349,3 +349,12 @@ def test_merging_the_same_profile_again_changes_nothing() -> None:
     assert again is None and twice is once
     assert merge_profiles(anonymous, once) == once
     assert once.order_count == 1 and once.merged_profiles == ["anon:a-1"]
+
+
+def test_resolve_leaves_the_map_as_it_is() -> None:
+    identity = IdentityMap()
+    step(identity, identify("kim@example.com", customer_id="c-1", anonymous_id="a-1"))
+    before = repr(identity)
+    resolution = resolve(identity, identify("lee@example.com", customer_id="c-2",
+                                            anonymous_id="a-1"), T0, POLICY)
+    assert resolution.decisions and repr(identity) == before

@@ -119,3 +119,17 @@ def test_an_anonymous_profile_idle_past_the_window_is_not_merged() -> None:
     assert [a.rule_id for o in outputs for a in o.actions] == [
         "cart_abandonment", "order_confirmation"
     ]
+
+
+def test_a_conflicting_email_is_a_decision_and_a_count_not_a_merge() -> None:
+    log = [
+        identify("kim@example.com", customer_id="c-1", at=T0),
+        identify("Kim@Example.com", customer_id="c-2", at=T0 + minutes(1)),
+    ]
+    replayer = Replayer(RULES, POLICY)
+    outputs = list(replayer.run(log))
+    assert set(replayer.states) == {"c-1", "c-2"} and replayer.stats.merges == 0
+    assert replayer.stats.reasons[("identity", "identity_conflict")] == 1
+    [decision] = [d for o in outputs for d in o.decisions]
+    assert (decision.customer_id, decision.profile, decision.journey_key) == ("c-2", "c-1", "email")
+    assert replayer.states["c-2"].recent_decisions == [decision]
