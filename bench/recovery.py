@@ -68,6 +68,8 @@ CANARY_DUE_AFTER_KILL = timedelta(seconds=1)
 # The kill waits this long after the canaries were applied: faust commits offsets
 # every second, and a committed input is not processed again after the restart.
 SETTLE_BEFORE_KILL = 2.5
+# After a restart's measurement, the longest wait for its schedule's rebuild to end.
+REBUILD_TIMEOUT = 120.0
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -253,6 +255,9 @@ class RecoveryBench:
                 profiled = profile.summarize(raw).splitlines()
                 log(f"profile of restart {repeat}: {raw}")
         sampler.stop()
+        # The schedule's rebuild runs beside the agents and may end after the last
+        # canary fired: its line, for the phases and the schedule's size.
+        wait_for_log(worker, READY_LINE, timeout=REBUILD_TIMEOUT)
         actions = seed.read_actions(
             bootstrap, ACTIONS["email"], args.partitions,
             rules={seed.PROBE_RULE, seed.CANARY_RULE},
@@ -301,9 +306,11 @@ class RecoveryBench:
         restarts: list[dict[str, Any]] = result["restarts"]
         probe = [r["probe_action_after_restart_s"].get("max") for r in restarts]
         canary = [r["canary_action_after_restart_s"].get("max") for r in restarts]
+        rebuilt = [r["phases_after_restart_s"].get("schedule_rebuilt") for r in restarts]
         result["summary"] = {
             "processing_again_after_restart_s": sorted(x for x in probe if x is not None),
             "timers_firing_again_after_restart_s": sorted(x for x in canary if x is not None),
+            "schedule_rebuilt_after_restart_s": sorted(x for x in rebuilt if x is not None),
             "all_exactly_once": all(all(r["exactly_once"].values()) for r in restarts),
         }
 
@@ -321,6 +328,17 @@ def count_by_customer(actions: Sequence[seed.ActionRecord]) -> dict[str, int]:
     for a in actions:
         counts[a.customer_id] = counts.get(a.customer_id, 0) + 1
     return counts
+
+
+def wait_for_log(worker: ManagedProcess, pattern: str, timeout: float) -> bool:
+    """Whether the worker's current run logs `pattern` within `timeout` (polled)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if re.search(pattern, worker.log_text()):
+            return True
+        if time.monotonic() > deadline or not worker.running:
+            return False
+        time.sleep(0.5)
 
 
 def phases(worker: ManagedProcess, since: float) -> dict[str, float]:
