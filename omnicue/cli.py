@@ -144,8 +144,14 @@ def simulate(
     invalid_ratio: Annotated[float, typer.Option(help="Share of invalid events")] = 0.02,
     duration: Annotated[float | None, typer.Option(help="Stop after seconds")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed")] = None,
+    ingest: Annotated[
+        str | None,
+        typer.Option(help="Send web and app events through this omnicue ingest (its URL)"),
+    ] = None,
+    write_key: Annotated[str, typer.Option(help="The ingest's write key (with --ingest)")] = "dev",
 ) -> None:
     """Publish realistic cross-channel customer journeys."""
+    from omnicue.ingest_client import IngestClient
     from omnicue.simulator import run_simulator
 
     run_simulator(
@@ -155,6 +161,7 @@ def simulate(
         invalid_ratio=invalid_ratio,
         duration=duration,
         seed=seed,
+        ingest=IngestClient(ingest, write_key) if ingest is not None else None,
     )
 
 

@@ -42,7 +42,7 @@ from omnicue.kafka_broker import (
     kafka_jars,
 )
 from omnicue.services import ManagedProcess, RedisServer, ServiceError, TansuBroker, free_port
-from omnicue.settings import Settings
+from omnicue.settings import Settings, parse_write_keys
 from schemas.topics import ACTION_CHANNELS
 
 # "tansu" needs only Python; "kafka" is what production runs, and needs Java.
@@ -436,7 +436,10 @@ class DevStack:
         self._wait(waits)
 
         if self.simulate:
-            self.simulator = self._python("simulator", ["simulate"], self.child_env())
+            # Web and app traffic through the ingest, as a site's Segment library sends it.
+            key = next(iter(parse_write_keys(self.write_keys)))
+            args = ["simulate", "--ingest", self.ingest_url, "--write-key", key]
+            self.simulator = self._python("simulator", args, self.child_env())
             simulator = self.simulator
             self._wait({"simulator": lambda: bool(SIMULATOR_READY.search(simulator.log_text()))})
 

@@ -216,3 +216,35 @@ def _platform(device: Mapping[str, Any], os: Mapping[str, Any]) -> str | None:
             if name in ("ios", "ipados", "android"):
                 return "ios" if name == "ipados" else name
     return None
+
+
+# Contract type -> the Segment e-commerce name that maps to it.
+SEGMENT_NAMES: dict[str, str] = {value: key for key, value in ECOMMERCE_EVENTS.items()}
+
+
+def to_segment(event: Mapping[str, Any]) -> dict[str, Any]:
+    """A contract event (dict) as the Segment message that `map_message` maps back to
+    it: what a Segment client would send for it (the simulator sends its web and app
+    traffic this way). The event's channel rides in the message's `channel`."""
+    message: dict[str, Any] = {
+        "messageId": event["event_id"],
+        "timestamp": event["occurred_at"],
+        "channel": event["channel"],
+    }
+    if event.get("customer_id") is not None:
+        message["userId"] = event["customer_id"]
+    if event.get("anonymous_id") is not None:
+        message["anonymousId"] = event["anonymous_id"]
+    properties = dict(event.get("properties") or {})
+    kind = event["type"]
+    if kind == "identify":
+        message |= {"type": "identify", "traits": properties.get("traits", {})}
+    elif kind == "alias":
+        message |= {"type": "alias", "previousId": properties["previous_id"]}
+    elif kind == "custom":
+        name = properties.pop("event")
+        message |= {"type": "track", "event": name, "properties": properties}
+    else:
+        name = SEGMENT_NAMES.get(kind, kind)
+        message |= {"type": "track", "event": name, "properties": properties}
+    return message

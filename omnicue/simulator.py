@@ -22,11 +22,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from types import FrameType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from omnicue.settings import Settings
 from schemas.events import ActionChannel
 from schemas.topics import EVENTS
+
+if TYPE_CHECKING:
+    from omnicue.ingest_client import IngestClient
+
+# What a site's or an app's Segment library would send, with `--ingest`.
+INGEST_CHANNELS = frozenset({"web", "app"})
 
 Platform = Literal["ios", "android"]
 
@@ -470,12 +476,15 @@ def run_simulator(
     duration: float | None = None,
     seed: int | None = None,
     stop: threading.Event | None = None,
+    ingest: IngestClient | None = None,
 ) -> SimulatorStats:
     """Start `rate` journeys per second until `duration`, a signal, or `stop` is set.
 
-    Valid events go through `EventProducer` (validated, keyed by customer); broken
-    ones through a raw producer straight to the events topic, so they exercise the
-    worker's dead-letter path.
+    Valid events go through `EventProducer` (validated, keyed by customer), or, with
+    `ingest`, the web and app ones as Segment messages through `omnicue ingest`, as a
+    site's or an app's Segment library would send them; broken ones through a raw
+    producer straight to the events topic, so they exercise the worker's dead-letter
+    path.
     """
     if rate <= 0:
         raise ValueError("rate must be > 0")
@@ -505,9 +514,10 @@ def run_simulator(
     )
     started = time.monotonic()
     last_report = started
+    via = f", web and app through {ingest.url}" if ingest is not None else ""
     print(
         f"simulator started: {rate:g} journeys/s, {customers} customers, "
-        f"{invalid_ratio:.1%} invalid, broker {settings.broker}",
+        f"{invalid_ratio:.1%} invalid, broker {settings.broker}{via}",
         flush=True,
     )
     try:
@@ -526,9 +536,13 @@ def run_simulator(
                         seq += 1
                     stats.journeys += 1
                 # Send whatever is due: events go out when they "happen".
+                via_ingest: list[dict[str, Any]] = []
                 while queue and queue[0][0] <= time.monotonic():
                     _, _, event = heapq.heappop(queue)
-                    producer.send(event).add_errback(stats.count_failure)
+                    if ingest is not None and event["channel"] in INGEST_CHANNELS:
+                        via_ingest.append(event)
+                    else:
+                        producer.send(event).add_errback(stats.count_failure)
                     stats.events += 1
                     if invalid_rng.random() < p_invalid:
                         broken = invalid_event(invalid_rng, datetime.now(UTC))
@@ -536,6 +550,11 @@ def run_simulator(
                             stats.count_failure
                         )
                         stats.invalid += 1
+                if via_ingest and ingest is not None:
+                    sent = ingest.send(via_ingest)
+                    stats.failed += sent.failed
+                    for error in sent.errors[:3]:
+                        print(f"simulator: ingest: {error}", file=sys.stderr, flush=True)
                 now = time.monotonic()
                 if now - last_report >= 10:
                     last_report = now

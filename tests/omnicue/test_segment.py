@@ -218,3 +218,31 @@ def test_rules_trigger_on_a_custom_event_by_name() -> None:
     assert not decide(None, other, RECEIVED, rules, EnginePolicy(), "c-1").decisions
     decisions = decide(None, played, RECEIVED, rules, EnginePolicy(), "c-1").decisions
     assert decisions and decisions[0].rule_id == "video_nudge"
+
+
+def test_to_segment_round_trips_every_simulated_event() -> None:
+    import random
+
+    from omnicue.segment import to_segment
+    from omnicue.simulator import JourneyPlanner
+    from schemas.events import event_adapter
+
+    planner = JourneyPlanner(random.Random(3), 50)
+    seen = set()
+    for _ in range(200):
+        for event in planner.next_journey(RECEIVED):
+            [back] = mapped(to_segment(event), "store")
+            assert event_adapter.validate_python(back) == event_adapter.validate_python(event)
+            seen.add(event["type"])
+    assert {"identify", "consent.updated", "device.registered", "cart.item_added"} <= seen
+    custom = {
+        "event_id": "e",
+        "type": "custom",
+        "occurred_at": "2026-12-04T00:00:00Z",
+        "channel": "web",
+        "anonymous_id": "a",
+        "properties": {"event": "X", "n": 1},
+    }
+    alias = {**custom, "type": "alias", "customer_id": "c", "properties": {"previous_id": "a"}}
+    for event in (custom, alias):
+        assert mapped(to_segment(event)) == [event]
