@@ -30,6 +30,7 @@ fired exactly once. Results: bench/results/recovery.json, one entry per `--label
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import signal
@@ -289,6 +290,8 @@ class RecoveryBench:
                 == [1] * len(canaries),
             },
             "peak_rss_mb_restarted": sampler.peak_mb,
+            # Anyone else's load skews these figures (2 cores).
+            "loadavg_1m_after": round(os.getloadavg()[0], 2),
             "peak_rss_mb_before_kill": round(peak_before, 1),
             "worker_cpu_s_to_last_action": sampler.samples[-1].cpu_s if sampler.samples else None,
         }
