@@ -57,7 +57,32 @@ def describe(decision: Decision) -> str:
         case "cancelled":
             by = f" (event {decision.event_id})" if decision.event_id else ""
             return f"{when}  {what}: journey ended, {reason}{by}"
+        case "identity":
+            return f"{when}  {describe_identity(decision)}"
     return f"{when}  {what}: {decision.outcome}"
+
+
+def describe_identity(decision: Decision) -> str:
+    """An identity decision (triggers/identity.py) in words."""
+    other = decision.profile or "?"
+    by = f" by event {decision.event_id}" if decision.event_id else ""
+    kind = "anonymous profile" if decision.journey_key == "anonymous_id" else "profile"
+    match decision.reason:
+        case "identity_merged":
+            return f"{kind} {other} merged into this customer{by}"
+        case "anonymous_idle":
+            return f"{kind} {other} was idle too long to merge: dropped{by}"
+        case "identity_conflict":
+            return (
+                f"the {decision.journey_key} already belongs to customer {other}: not merged "
+                f"(known customers merge only by an alias){by}"
+            )
+        case "shared_device":
+            return (
+                f"anonymous id shared with customer {other}: its later events start a new "
+                f"anonymous profile{by}"
+            )
+    return f"identity: {decision.reason} ({decision.journey_key}, {other}){by}"
 
 
 def describe_journey(journey: Journey) -> str:

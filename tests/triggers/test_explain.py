@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from tests.factories import event, identify, minutes, ruleset
 from tests.triggers.test_catalog import MORNING, RULES, customer, view
-from triggers.explain import explanation, held_back
+from triggers.explain import describe, explanation, held_back
+from triggers.identity import identity_decision
 
 
 def test_a_repeat_count_short_of_its_count_says_how_many_more_and_by_when() -> None:
@@ -64,3 +65,16 @@ def test_nothing_is_held_back_for_a_rule_that_is_gone() -> None:
     t.send(view("p-1", MORNING))
     t.send(event("store.visited", {"store_id": "s1"}, channel="store", at=MORNING))
     assert held_back(t.state, ruleset(), MORNING + minutes(1)) == []
+
+
+def test_identity_decisions_say_which_profile_merged_and_why_not() -> None:
+    at = datetime(2026, 3, 2, 10, 15, tzinfo=UTC)
+    merged = identity_decision("c-9", "identity_merged", "anonymous_id", "anon:a-17", at, "e-33")
+    assert describe(merged) == (
+        "2026-03-02 10:15:00 UTC  anonymous profile anon:a-17 merged into this customer "
+        "by event e-33"
+    )
+    conflict = identity_decision("c-9", "identity_conflict", "email", "c-4", at, "e-34")
+    assert "the email already belongs to customer c-4: not merged" in describe(conflict)
+    shared = identity_decision("c-9", "shared_device", "anonymous_id", "c-2", at, None)
+    assert "new anonymous profile" in describe(shared)
