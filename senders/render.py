@@ -128,7 +128,10 @@ class Renderer:
             # A variable the action does not have is an error, not an empty string;
             # templates test optional ones with `is defined`.
             undefined=jinja2.StrictUndefined,
-            keep_trailing_newline=False,
+            # Read once: `check` at start loads them all, and what it checked is what
+            # is sent, even if the files change or go while the sender runs.
+            auto_reload=False,
+            cache_size=-1,
             trim_blocks=True,
             lstrip_blocks=True,
         )
