@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 from kafka import KafkaProducer
+from kafka.errors import KafkaError
 from pydantic import ValidationError
 
 from omnicue.producer import InvalidEvent
@@ -354,7 +355,11 @@ def run_ingest(settings: Settings) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(levelname)s %(name)s %(message)s"
     )
-    asyncio.run(_serve(settings))
+    try:
+        asyncio.run(_serve(settings))
+    except KafkaError as exc:
+        message = f"omnicue ingest: cannot reach the broker {settings.broker}: {exc}"
+        raise SystemExit(message) from None
 
 
 async def _serve(settings: Settings) -> None:
@@ -365,7 +370,9 @@ async def _serve(settings: Settings) -> None:
         await runner.setup()
         site = web.TCPSite(runner, settings.ingest_host, settings.ingest_port)
         await site.start()
-        print(f"ingest http://{settings.ingest_host}:{settings.ingest_port}", flush=True)
+        # The bound port: OMNICUE_INGEST_PORT=0 picks a free one.
+        port = runner.addresses[0][1] if runner.addresses else settings.ingest_port
+        print(f"ingest http://{settings.ingest_host}:{port}", flush=True)
         await _until_stopped()
     finally:
         await runner.cleanup()  # finishes requests in flight, then
