@@ -16,8 +16,11 @@ the message.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import uuid
-from typing import Literal
+from collections.abc import Awaitable, Callable
+from typing import Generic, Literal, TypeVar
 
 import redis.asyncio as aioredis
 
@@ -27,18 +30,25 @@ SENT = b"sent"
 LEGACY_SENT = b"1"
 
 Acquired = Literal["acquired", "sent", "held"]
+Req = TypeVar("Req")
+Res = TypeVar("Res")
 
-# Atomic check-and-take: GET then SET would let two senders both see "free".
+# Atomic check-and-take, for every key of a batch: GET then SET would let two senders
+# both see "free".
 _ACQUIRE = """
-local value = redis.call('GET', KEYS[1])
-if value == false then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 'acquired'
+local results = {}
+for i, key in ipairs(KEYS) do
+  local value = redis.call('GET', key)
+  if value == false then
+    redis.call('SET', key, ARGV[i + 1], 'PX', ARGV[1])
+    results[i] = 'acquired'
+  elseif value == 'sent' or value == '1' then
+    results[i] = 'sent'
+  else
+    results[i] = 'held'
+  end
 end
-if value == 'sent' or value == '1' then
-  return 'sent'
-end
-return 'held'
+return results
 """
 
 # Only the lease's holder may give it back: an expired holder must not delete the
@@ -55,8 +65,51 @@ def lease_key(action_id: str) -> str:
     return f"{KEY_PREFIX}{action_id}"
 
 
+# Unique per process (random) and per attempt (a counter): cheaper than a uuid each.
+_PROCESS = uuid.uuid4().hex[:16]
+_ATTEMPTS = itertools.count()
+
+
 def new_token() -> bytes:
-    return f"sending:{uuid.uuid4().hex}".encode()
+    return f"sending:{_PROCESS}:{next(_ATTEMPTS)}".encode()
+
+
+class _Coalesced(Generic[Req, Res]):
+    """Calls made in the same event-loop pass go to Redis as one batch: with dozens of
+    actions in flight, one round trip for all of them instead of one each."""
+
+    def __init__(self, flush: Callable[[list[Req]], Awaitable[list[Res]]]) -> None:
+        self._flush = flush
+        self._pending: list[tuple[Req, asyncio.Future[Res]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __call__(self, request: Req) -> Res:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Res] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._start)
+        self._pending.append((request, future))
+        return await future
+
+    def _start(self) -> None:
+        batch, self._pending = self._pending, []
+        task = asyncio.create_task(self._run(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: list[tuple[Req, asyncio.Future[Res]]]) -> None:
+        try:
+            results = await self._flush([request for request, _ in batch])
+        except BaseException as exc:  # every caller sees the batch's error (RedisError)
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():  # its caller may have been cancelled meanwhile
+                future.set_result(result)
 
 
 class Leases:
@@ -68,19 +121,17 @@ class Leases:
         self._client = client
         self.lease_ms = lease_ms
         self.sent_ttl = sent_ttl
-        self._acquire = client.register_script(_ACQUIRE)
+        self._acquire_script = client.register_script(_ACQUIRE)
         self._release = client.register_script(_RELEASE)
+        self._acquire = _Coalesced(self._acquire_many)
+        self._mark_sent = _Coalesced(self._mark_many)
 
     async def acquire(self, action_id: str, token: bytes) -> Acquired:
-        result = await self._acquire(keys=[lease_key(action_id)], args=[token, self.lease_ms])
-        text = result.decode() if isinstance(result, bytes) else str(result)
-        if text not in ("acquired", "sent", "held"):
-            raise RuntimeError(f"unexpected lease script result {text!r}")
-        return text  # type: ignore[return-value]
+        return await self._acquire((action_id, token))
 
     async def mark_sent(self, action_id: str) -> None:
         # Unconditional: whoever holds the lease now, the provider has accepted it.
-        await self._client.set(lease_key(action_id), SENT, ex=self.sent_ttl)
+        await self._mark_sent(action_id)
 
     async def release(self, action_id: str, token: bytes) -> bool:
         """Give the lease back (the action was not sent: it retries or failed)."""
@@ -89,6 +140,26 @@ class Leases:
     async def state(self, action_id: str) -> bytes | None:
         value = await self._client.get(lease_key(action_id))
         return value.encode() if isinstance(value, str) else value
+
+    async def _acquire_many(self, requests: list[tuple[str, bytes]]) -> list[Acquired]:
+        results = await self._acquire_script(
+            keys=[lease_key(action_id) for action_id, _ in requests],
+            args=[self.lease_ms, *(token for _, token in requests)],
+        )
+        acquired: list[Acquired] = []
+        for result in results:
+            text = result.decode() if isinstance(result, bytes) else str(result)
+            if text not in ("acquired", "sent", "held"):
+                raise RuntimeError(f"unexpected lease script result {text!r}")
+            acquired.append(text)  # type: ignore[arg-type]
+        return acquired
+
+    async def _mark_many(self, action_ids: list[str]) -> list[None]:
+        pipe = self._client.pipeline(transaction=False)
+        for action_id in action_ids:
+            pipe.set(lease_key(action_id), SENT, ex=self.sent_ttl)
+        await pipe.execute()
+        return [None] * len(action_ids)
 
 
 __all__ = ["KEY_PREFIX", "LEGACY_SENT", "SENT", "Acquired", "Leases", "lease_key", "new_token"]

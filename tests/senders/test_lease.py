@@ -7,9 +7,10 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 
-from omnicue.services import RedisServer
+from omnicue.services import RedisServer, free_port
 from senders.lease import LEGACY_SENT, Leases, lease_key, new_token
 
 
@@ -82,3 +83,29 @@ async def test_many_racing_senders_one_acquires(client: aioredis.Redis) -> None:
     results = await asyncio.gather(*(leases.acquire(action_id, new_token()) for _ in range(50)))
 
     assert sorted(results) == ["acquired"] + ["held"] * 49
+
+
+async def test_concurrent_calls_go_to_redis_as_one_batch(client: aioredis.Redis) -> None:
+    leases = Leases(client, lease_ms=5000, sent_ttl=60)
+    ids = [_id() for _ in range(50)]
+    await leases.acquire(_id(), new_token())  # loads the script
+    before = (await client.info("commandstats"))["cmdstat_evalsha"]["calls"]
+
+    results = await asyncio.gather(*(leases.acquire(i, new_token()) for i in ids))
+    await asyncio.gather(*(leases.mark_sent(i) for i in ids))
+
+    assert results == ["acquired"] * 50
+    assert (await client.info("commandstats"))["cmdstat_evalsha"]["calls"] == before + 1
+    assert set(await client.mget([lease_key(i) for i in ids])) == {b"sent"}
+
+
+async def test_every_caller_of_a_failed_batch_sees_the_error() -> None:
+    dead = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
+    leases = Leases(dead, lease_ms=1000, sent_ttl=60)
+
+    results = await asyncio.gather(
+        *(leases.acquire(_id(), new_token()) for _ in range(3)), return_exceptions=True
+    )
+
+    assert all(isinstance(r, redis.ConnectionError) for r in results), results
+    await dead.aclose()
