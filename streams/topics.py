@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import faust
-from aiokafka.partitioner import murmur2
 from faust.types import TopicT
 
 from schemas import topics as names
+from triggers.partitioner import partition_for as _kafka_partition_for
 
 
 @dataclass(frozen=True)
@@ -21,8 +21,9 @@ class Topics:
 
 
 def partition_for(key: bytes, partitions: int) -> int:
-    """The partition the producer's default partitioner picks for a key (murmur2)."""
-    return (int(murmur2(key)) & 0x7FFFFFFF) % partitions
+    """The partition the producer's default partitioner picks for a key (murmur2);
+    the same function as the partitioned replay's (`triggers.partitioner`)."""
+    return _kafka_partition_for(key, partitions)
 
 
 def raw_topic(app: faust.App, name: str, partitions: int) -> TopicT:
