@@ -111,16 +111,24 @@ def ingest(
 def send(
     channel: Annotated[str, typer.Option(help="push, email, sms or kakao")],
     transport: Annotated[
-        str | None, typer.Option(help="console or webhook (default: OMNICUE_SENDER_TRANSPORT)")
+        str | None,
+        typer.Option(help="console, webhook or smtp (default: OMNICUE_SENDER_TRANSPORT)"),
     ] = None,
     url: Annotated[
-        str | None, typer.Option(help="Webhook URL; {channel} is replaced (OMNICUE_SENDER_URL)")
+        str | None,
+        typer.Option(
+            help="Webhook URL ({channel} is replaced), or smtp://host:port (OMNICUE_SENDER_URL)"
+        ),
     ] = None,
     rate: Annotated[
         str | None,
         typer.Option(help="N/s for the channel, shared by its senders (OMNICUE_SENDER_RATE)"),
     ] = None,
     group: Annotated[str | None, typer.Option(help="Consumer group")] = None,
+    templates: Annotated[
+        Path | None,
+        typer.Option(help="Templates directory overriding the packaged ones (ko/, en/)"),
+    ] = None,
 ) -> None:
     """Run a channel's sender: each action to its provider once per idempotency key."""
     from pydantic import ValidationError
@@ -128,7 +136,12 @@ def send(
     from senders.runtime import run_sender
 
     # Options given on the command line win over OMNICUE_SENDER_* variables.
-    options = {"sender_transport": transport, "sender_url": url, "sender_rate": rate}
+    options = {
+        "sender_transport": transport,
+        "sender_url": url,
+        "sender_rate": rate,
+        "sender_templates": templates,
+    }
     given: dict[str, Any] = {name: value for name, value in options.items() if value}
     try:
         settings = Settings(**given)

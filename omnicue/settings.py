@@ -64,8 +64,10 @@ class Settings(BaseSettings):
     )
     sender_claim_ttl: int = Field(7 * 86_400, description="Seconds a sent action id is remembered")
     sender_metrics_port: int = Field(6067, description="Port of a sender's /metrics (0: off)")
-    sender_transport: Literal["console", "webhook"] = "console"
-    sender_url: str | None = Field(None, description="Webhook URL; `{channel}` is replaced")
+    sender_transport: Literal["console", "webhook", "smtp"] = "console"
+    sender_url: str | None = Field(
+        None, description="Webhook URL (`{channel}` is replaced), or smtp://host:port"
+    )
     sender_rate: float | None = Field(
         None, gt=0, description="Sends per second per channel, shared by its senders (N/s)"
     )
@@ -75,6 +77,37 @@ class Settings(BaseSettings):
     sender_lease_ttl: float = Field(30.0, gt=0, description="Seconds a sending lease lasts")
     sender_max_in_flight: int = Field(64, ge=1, description="Concurrent sends per process")
     webhook_secret: SecretStr | None = Field(None, description="HMAC key of webhook bodies")
+    # Messages (senders/render.py, senders/advertising.py, senders/smtp.py).
+    sender_templates: Path | None = Field(
+        None, description="Templates directory overriding the packaged ones (ko/, en/)"
+    )
+    sender_default_locale: Literal["ko", "en"] = Field(
+        "en", description="Template language for a locale without templates"
+    )
+    sender_ad_label_policy: Literal["korea", "always", "never"] = Field(
+        "korea",
+        description="Which marketing sms/kakao/email get the (광고) label and opt-out "
+        "(정보통신망법 제50조): korea (Korean locale or timezone), always, never",
+    )
+    sender_brand: str = Field("Omnicue", description="The sender's name, as ads must give it")
+    sender_opt_out_phone: str | None = Field(
+        None, description="Free opt-out number (080-...) in SMS and Kakao ads"
+    )
+    sender_unsubscribe_url: str | None = Field(
+        None,
+        description="Unsubscribe URL (`{action_id}`, `{customer_id}`, `{channel}` replaced): "
+        "List-Unsubscribe, and the opt-out link of email ads",
+    )
+    sender_email_from: str = Field(
+        "Omnicue <noreply@omnicue.localhost>",
+        description="From of emails; its domain ends every Message-ID",
+    )
+    sender_smtp_starttls: bool = Field(False, description="Upgrade smtp:// with STARTTLS")
+    sender_smtp_username: str | None = None
+    sender_smtp_password: SecretStr | None = None
+    sender_smtp_ca_file: Path | None = Field(
+        None, description="CA bundle to verify the SMTP server with (a private relay)"
+    )
     log_level: str = "info"
 
     ingest_host: str = Field("127.0.0.1", description="Address `omnicue ingest` listens on")

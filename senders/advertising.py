@@ -105,10 +105,15 @@ def ad_notice(
     advertiser: Advertiser,
     unsubscribe_url: str | None,
 ) -> AdNotice:
+    return AdNotice(
+        ad_label(channel, advertiser), opt_out_lines(channel, language, advertiser, unsubscribe_url)
+    )
+
+
+def ad_label(channel: ActionChannel, advertiser: Advertiser) -> str:
     # SMS and Kakao name the sender right after the label (시행령 제61조); an email
-    # names it in the subject's sender and in the body's footer.
-    label = AD_LABEL if channel == "email" else f"{AD_LABEL} [{advertiser.name}]"
-    return AdNotice(label, opt_out_lines(channel, language, advertiser, unsubscribe_url))
+    # names it in its From and in the body's footer.
+    return AD_LABEL if channel == "email" else f"{AD_LABEL} [{advertiser.name}]"
 
 
 def prefix_label(text: str, label: str) -> str:
@@ -153,6 +158,7 @@ __all__ = [
     "AdLabelPolicy",
     "AdNotice",
     "Advertiser",
+    "ad_label",
     "ad_notice",
     "check_advertiser",
     "is_korean",

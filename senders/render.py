@@ -24,26 +24,33 @@ for every transport, and the webhook body carries its result.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jinja2
 from pydantic import BaseModel, ConfigDict
 
+from omnicue.rules import read_rules_file
+from omnicue.settings import Settings
 from schemas.actions import Action
 from schemas.events import ActionChannel
-from schemas.rules import RulesFile
+from schemas.rules import RulesError, RulesFile
 from senders.advertising import (
     AdLabelPolicy,
     AdNotice,
     Advertiser,
+    ad_label,
     ad_notice,
+    check_advertiser,
     is_korean,
     needs_ad_label,
     prefix_label,
 )
+
+log = logging.getLogger(__name__)
 
 PACKAGED_TEMPLATES = Path(__file__).resolve().parent / "templates"
 LANGUAGES: tuple[str, ...] = ("ko", "en")
@@ -78,6 +85,9 @@ class RenderOptions:
     unsubscribe_url: str | None = None
     default_language: str = "en"
     default_timezone: str = "Asia/Seoul"
+    # False: an ad with no opt-out configured is labelled and flagged, without the
+    # opt-out lines (a provider that adds its own); True: it is an error.
+    require_opt_out: bool = True
 
 
 def language_of(locale: str | None, timezone: str | None, default: str) -> str:
@@ -207,11 +217,15 @@ class Renderer:
             timezone=timezone,
             policy=options.ad_policy,
         )
-        notice = (
-            ad_notice(action.channel, language, options.advertiser, unsubscribe)
-            if advertising
-            else None
-        )
+        notice = None
+        if advertising:
+            try:
+                notice = ad_notice(action.channel, language, options.advertiser, unsubscribe)
+            except ValueError as exc:
+                if options.require_opt_out:
+                    raise TemplateError(str(exc)) from None
+                # Labelled, and flagged `advertising` for the provider to add its opt-out.
+                notice = AdNotice(ad_label(action.channel, options.advertiser), ())
         context: dict[str, Any] = {
             "action": action.model_dump(mode="json"),
             "payload": payload,
@@ -235,7 +249,8 @@ class Renderer:
                 subject = prefix_label(subject or "", notice.label)
             else:
                 text = prefix_label(text, notice.label)
-            text = f"{text}\n\n" + "\n".join(notice.opt_out)
+            if notice.opt_out:
+                text = f"{text}\n\n" + "\n".join(notice.opt_out)
         html = None
         if action.channel == "email":
             html = self._html(action, language, context, subject, body, notice)
@@ -277,6 +292,42 @@ def _block(template: jinja2.Template, name: str, context: dict[str, Any]) -> str
     return rendered.strip()
 
 
+def build_renderer(settings: Settings, channel: str, *, strict: bool = True) -> Renderer:
+    """The renderer a sender starts with, checked against every template its rules
+    can send on `channel`: raises TemplateError or ValueError before anything is sent.
+
+    `strict`: an ad this channel could not give opt-out instructions for is an error
+    at start. Not strict (the webhook transport, whose provider may add its own): a
+    warning at start, and such ads go out labelled and flagged `advertising` only."""
+    advertiser = Advertiser(settings.sender_brand, settings.sender_opt_out_phone)
+    action_channel = cast(ActionChannel, channel)
+    policy = settings.sender_ad_label_policy
+    unsubscribe = settings.sender_unsubscribe_url
+    require_opt_out = True
+    try:
+        check_advertiser(action_channel, policy, advertiser, unsubscribe)
+    except ValueError as exc:
+        if strict:
+            raise
+        log.warning("%s senders: %s; ads go out labelled without it", channel, exc)
+        require_opt_out = False
+    options = RenderOptions(
+        ad_policy=policy,
+        advertiser=advertiser,
+        unsubscribe_url=unsubscribe,
+        default_language=settings.sender_default_locale,
+        default_timezone=settings.default_timezone,
+        require_opt_out=require_opt_out,
+    )
+    renderer = Renderer(settings.sender_templates, options)
+    try:
+        rules = read_rules_file(settings.rules)
+    except RulesError as exc:
+        raise TemplateError(f"cannot read the rules to check their templates: {exc}") from None
+    renderer.check(rule_templates(rules, action_channel), action_channel)
+    return renderer
+
+
 _default: Renderer | None = None
 
 
@@ -296,6 +347,7 @@ __all__ = [
     "RenderedMessage",
     "Renderer",
     "TemplateError",
+    "build_renderer",
     "language_of",
     "render",
     "rule_templates",

@@ -45,7 +45,9 @@ from schemas.events import Event, describe_validation_error, event_from_dict, ev
 from schemas.topics import ACTION_CHANNELS, ACTIONS, EVENTS, SENDER_RETRIES
 from senders.lease import Leases, new_token
 from senders.ratelimit import SharedRateLimit
+from senders.render import build_renderer
 from senders.retry import RetryRecord, schedule_retry
+from senders.smtp import build_smtp_transport
 from senders.transports import (
     Accepted,
     ConsoleTransport,
@@ -157,15 +159,20 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 def build_transport(settings: Settings, channel: str) -> Transport:
     if settings.sender_transport == "console":
         return ConsoleTransport()
+    if settings.sender_transport == "smtp":
+        # Templates and the advertising settings are checked here, at start.
+        return build_smtp_transport(settings, build_renderer(settings, channel))
     if not settings.sender_url:
         raise ValueError("the webhook transport needs --url (or OMNICUE_SENDER_URL)")
     secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else ""
+    renderer = build_renderer(settings, channel, strict=False)
     return WebhookTransport(
         settings.sender_url,
         channel,
         secret=secret,
         timeout=settings.sender_timeout,
         connections=settings.sender_max_in_flight,
+        render=renderer.render,
     )
 
 

@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 
 import aiosmtplib
 
+from omnicue.settings import Settings
 from schemas.actions import Action
 from senders.render import RenderedMessage, Renderer, TemplateError
 from senders.transports import Accepted, Rejected, Result
@@ -184,11 +185,32 @@ class SmtpTransport:
         return Accepted()
 
 
+def build_smtp_transport(settings: Settings, renderer: Renderer) -> SmtpTransport:
+    if not settings.sender_url:
+        raise ValueError("the smtp transport needs --url smtp://host:port (or OMNICUE_SENDER_URL)")
+    if not settings.sender_unsubscribe_url:
+        raise ValueError(
+            "the smtp transport needs OMNICUE_SENDER_UNSUBSCRIBE_URL (List-Unsubscribe, RFC 8058)"
+        )
+    password = settings.sender_smtp_password
+    return SmtpTransport(
+        settings.sender_url,
+        renderer,
+        sender=settings.sender_email_from,
+        starttls=settings.sender_smtp_starttls,
+        username=settings.sender_smtp_username,
+        password=password.get_secret_value() if password is not None else None,
+        ca_file=settings.sender_smtp_ca_file,
+        timeout=settings.sender_timeout,
+    )
+
+
 __all__ = [
     "ACTION_ID_HEADER",
     "SmtpServer",
     "SmtpTransport",
     "build_email",
+    "build_smtp_transport",
     "message_id",
     "parse_smtp_url",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal, Protocol
@@ -15,6 +16,7 @@ from typing import Literal, Protocol
 import aiohttp
 
 from schemas.actions import Action
+from senders.render import RenderedMessage, TemplateError
 from senders.retry import is_retryable_status, parse_retry_after
 
 TransportName = Literal["console", "webhook"]
@@ -82,9 +84,13 @@ class ConsoleTransport:
         return Accepted()
 
 
-def webhook_body(action: Action) -> bytes:
-    """The POST body: the action as in its contract (schemas/actions.py)."""
-    return action.model_dump_json().encode()
+def webhook_body(action: Action, message: RenderedMessage | None = None) -> bytes:
+    """The POST body: the action as in its contract (schemas/actions.py), and with a
+    renderer its rendered message under `message` (senders/render.py)."""
+    body = action.model_dump_json()
+    if message is not None:
+        body = f'{body[:-1]},"message":{message.model_dump_json()}}}'
+    return body.encode()
 
 
 def sign(body: bytes, secret: str) -> str:
@@ -102,7 +108,14 @@ class WebhookTransport:
     """POST each action to `url` (`{channel}` in it replaced), one attempt per call."""
 
     def __init__(
-        self, url: str, channel: str, *, secret: str, timeout: float, connections: int
+        self,
+        url: str,
+        channel: str,
+        *,
+        secret: str,
+        timeout: float,
+        connections: int,
+        render: Callable[[Action], RenderedMessage] | None = None,
     ) -> None:
         if not secret:
             raise ValueError("the webhook transport needs OMNICUE_WEBHOOK_SECRET")
@@ -110,6 +123,7 @@ class WebhookTransport:
         self._secret = secret
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._connections = connections
+        self._render = render
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -127,7 +141,11 @@ class WebhookTransport:
     async def send(self, action: Action) -> Result:
         if self._session is None:
             raise RuntimeError("WebhookTransport.start() was not called")
-        body = webhook_body(action)
+        try:
+            message = self._render(action) if self._render is not None else None
+        except TemplateError:
+            return Rejected("template_error", retryable=False)
+        body = webhook_body(action, message)
         headers = {
             "Content-Type": "application/json",
             IDEMPOTENCY_HEADER: action.action_id,

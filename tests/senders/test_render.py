@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from omnicue.rules import packaged_rules_path, read_rules_file
+from omnicue.settings import Settings
 from schemas.actions import Action, Recipient
 from senders.advertising import Advertiser
 from senders.render import (
@@ -17,6 +18,7 @@ from senders.render import (
     Renderer,
     RenderOptions,
     TemplateError,
+    build_renderer,
     language_of,
     render,
     rule_templates,
@@ -242,3 +244,41 @@ def test_render_uses_the_packaged_templates() -> None:
     message = render(_action("push", "welcome", payload={"locale": "en"}))
     assert message.subject == "Welcome to Omnicue"
     assert message.text.startswith("Thanks for joining us.")
+
+
+def _settings(**values: Any) -> Settings:
+    return Settings(**values)
+
+
+def test_build_renderer_checks_the_rules_templates_and_the_opt_out_at_start(
+    tmp_path: Path,
+) -> None:
+    rules = tmp_path / "rules.yaml"
+    text = packaged_rules_path("demo").read_text(encoding="utf-8")
+    rules.write_text(text.replace("template: cart_reminder_2", "template: vip_offer"), "utf-8")
+    phone = {"sender_opt_out_phone": "080-123-4567"}
+    with pytest.raises(TemplateError, match="ko/vip_offer.txt is missing"):
+        build_renderer(_settings(rules=rules, **phone), "email", strict=False)
+    # The SMS sender never sends vip_offer (an email-only step): it starts.
+    build_renderer(_settings(rules=rules, **phone), "sms")
+    (tmp_path / "t" / "ko").mkdir(parents=True)
+    (tmp_path / "t" / "en").mkdir()
+    for language in ("ko", "en"):
+        (tmp_path / "t" / language / "vip_offer.txt").write_text(
+            "{% block subject %}VIP{% endblock %}{% block text %}vip{% endblock %}", "utf-8"
+        )
+    url = {"sender_unsubscribe_url": "https://s.example/u/{action_id}"}
+    renderer = build_renderer(
+        _settings(rules=rules, sender_templates=tmp_path / "t", **url), "email"
+    )
+    assert renderer.render(_action(template="vip_offer")).subject == "(광고) VIP"
+    # Strict: an SMS ad with no opt-out number or URL cannot start.
+    with pytest.raises(ValueError, match="OMNICUE_SENDER_OPT_OUT_PHONE"):
+        build_renderer(_settings(), "sms")
+
+
+def test_a_lenient_renderer_labels_an_ad_it_has_no_opt_out_for() -> None:
+    renderer = build_renderer(_settings(sender_brand="Shop"), "sms", strict=False)
+    message = renderer.render(_action("sms"))
+    assert message.advertising and message.text.startswith("(광고) [Shop] ")
+    assert "수신거부" not in message.text

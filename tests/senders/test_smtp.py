@@ -19,9 +19,11 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from omnicue.services import free_port
+from omnicue.settings import Settings
 from schemas.actions import Action, Recipient
 from senders.advertising import Advertiser
 from senders.render import Renderer, RenderOptions
+from senders.runtime import build_transport
 from senders.smtp import SmtpTransport, build_email, parse_smtp_url
 from senders.transports import Accepted, Rejected
 
@@ -229,3 +231,13 @@ def test_a_transactional_email_has_no_label_but_the_same_headers() -> None:
     assert message["Subject"] == "주문이 접수되었습니다 (cart-9)"
     assert message["Date"] == "Sun, 01 Mar 2026 12:00:00 +0000"
     assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+
+
+def test_the_runtime_builds_the_smtp_transport_or_says_what_is_missing() -> None:
+    url = {"sender_unsubscribe_url": "https://shop.example/u/{action_id}"}
+    smtp = Settings(sender_transport="smtp", sender_url="smtp://127.0.0.1:2525", **url)
+    assert isinstance(build_transport(smtp, "email"), SmtpTransport)
+    with pytest.raises(ValueError, match="needs --url smtp://"):
+        build_transport(Settings(sender_transport="smtp", **url), "email")
+    with pytest.raises(ValueError, match="OMNICUE_SENDER_UNSUBSCRIBE_URL"):
+        build_transport(Settings(sender_transport="smtp", sender_url="smtp://h"), "email")
