@@ -365,15 +365,13 @@ def rules_apply(path: Path) -> None:
         typer.echo(f"applied {rule.id} version {rule.version}")
 
 
-@app.command()
-def explain(
-    customer_id: str,
-    worker: Annotated[
-        str | None, typer.Option(help="Any worker's URL (default: this host's web port)")
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON")] = False,
-) -> None:
-    """Why did (or didn't) this customer get a message? Journeys and last decisions."""
+WorkerOption = Annotated[
+    str | None, typer.Option(help="Any worker's URL (default: this host's web port)")
+]
+
+
+def _customer_view(customer_id: str, worker: str | None, view: str) -> dict[str, Any]:
+    """GET /customers/{id}{view} from any worker (faust forwards it to the owner)."""
     import json
     import urllib.error
     import urllib.parse
@@ -381,10 +379,11 @@ def explain(
 
     settings = _settings()
     base = worker or f"http://127.0.0.1:{settings.web_port}"
-    url = f"{base.rstrip('/')}/customers/{urllib.parse.quote(customer_id, safe='')}/decisions"
+    url = f"{base.rstrip('/')}/customers/{urllib.parse.quote(customer_id, safe='')}{view}"
     try:
         with urllib.request.urlopen(url, timeout=10) as response:
-            body = json.loads(response.read())
+            body: dict[str, Any] = json.loads(response.read())
+            return body
     except urllib.error.HTTPError as exc:
         if exc.code == 404:
             typer.echo(f"no state for customer {customer_id!r}: no event seen for them yet")
@@ -394,6 +393,18 @@ def explain(
     except OSError as exc:
         typer.echo(f"cannot reach a worker at {base}: {exc}", err=True)
         raise typer.Exit(2) from None
+
+
+@app.command()
+def explain(
+    customer_id: str,
+    worker: WorkerOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON")] = False,
+) -> None:
+    """Why did (or didn't) this customer get a message? Journeys and last decisions."""
+    import json
+
+    body = _customer_view(customer_id, worker, "/decisions")
     if as_json:
         typer.echo(json.dumps(body, indent=2))
         return
@@ -408,6 +419,14 @@ def explain(
         typer.echo("not started, though their trigger events came:")
         for item in body["held_back"]:
             typer.echo(f"  {item['text']}")
+
+
+@app.command()
+def profile(customer_id: str, worker: WorkerOption = None) -> None:
+    """Everything the workers know about one customer, contact points masked (JSON)."""
+    import json
+
+    typer.echo(json.dumps(_customer_view(customer_id, worker, ""), indent=2, ensure_ascii=False))
 
 
 ReasonOption = Annotated[

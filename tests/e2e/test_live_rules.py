@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Callable
@@ -147,6 +148,12 @@ def test_applied_rules_reach_running_workers_and_explain_answers(
         missing = cli(settings, "explain", "nobody", "--worker",
                       f"http://127.0.0.1:{settings.web_port}")
         assert missing.returncode == 1 and "no state" in missing.stdout
+        profiled = cli(settings, "profile", "c-live", "--worker",
+                       f"http://127.0.0.1:{settings.web_port}")
+        assert profiled.returncode == 0, profiled.stderr
+        body = json.loads(profiled.stdout)
+        assert body["customer_id"] == "c-live" and body["orders"]["count"] == 1
+        assert body["identifiers"]["email"] is None or "*" in body["identifiers"]["email"]
 
         # A newer rules record adds a rule, and a journey of it starts.
         newer = tmp_path / "newer.yaml"
