@@ -24,7 +24,7 @@ from schemas.actions import Action, Recipient
 from senders.advertising import Advertiser
 from senders.render import Renderer, RenderOptions
 from senders.runtime import build_transport
-from senders.smtp import SmtpTransport, build_email, parse_smtp_url
+from senders.smtp import SmtpTransport, build_email, email_bytes, parse_smtp_url
 from senders.transports import Accepted, Rejected
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -225,12 +225,40 @@ def test_urls_and_settings_that_cannot_work_fail_at_construction() -> None:
         SmtpTransport("smtp://h", RENDERER, sender="Shop")
 
 
+def _parsed(action: Action) -> EmailMessage:
+    raw = email_bytes(build_email(action, RENDERER.render(action), sender=SENDER, now=NOW))
+    parsed = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(parsed, EmailMessage)
+    return parsed
+
+
 def test_a_transactional_email_has_no_label_but_the_same_headers() -> None:
-    action = _action(template="order_confirmation", category="transactional")
-    message = build_email(action, RENDERER.render(action), sender=SENDER, now=NOW)
+    message = _parsed(_action(template="order_confirmation", category="transactional"))
     assert message["Subject"] == "주문이 접수되었습니다 (cart-9)"
     assert message["Date"] == "Sun, 01 Mar 2026 12:00:00 +0000"
     assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+
+
+def test_a_long_korean_subject_keeps_its_spaces_and_headers_stay_within_limits(
+    tmp_path: Path,
+) -> None:
+    # Python's newer email policy drops the space where it folds such a subject.
+    subject = "장바구니 상품, 쿠폰으로 더 가볍게 " * 6
+    (tmp_path / "ko").mkdir()
+    (tmp_path / "ko" / "welcome.txt").write_text(
+        f"{{% block subject %}}{subject}{{% endblock %}}{{% block text %}}t{{% endblock %}}",
+        "utf-8",
+    )
+    renderer = Renderer(tmp_path, RENDERER.options)
+    action = _action(template="welcome", action_id="act_" + "9" * 32)
+    raw = email_bytes(build_email(action, renderer.render(action), sender=SENDER, now=NOW))
+    head = raw.split(b"\r\n\r\n", 1)[0].decode("ascii")
+    assert all(len(line) <= 998 for line in head.split("\r\n"))
+    words = [w for w in head.split() if w.startswith("=?")]
+    assert len(words) > 1 and all(len(w) <= 76 for w in words)  # RFC 2047's limit
+    assert f"List-Unsubscribe: <https://shop.example/unsubscribe/{action.action_id}>" in head
+    parsed = email.message_from_bytes(raw, policy=email.policy.default)
+    assert parsed["Subject"] == f"(광고) {subject.strip()}"
 
 
 def test_the_runtime_builds_the_smtp_transport_or_says_what_is_missing() -> None:
