@@ -262,10 +262,12 @@ def test_a_long_korean_subject_keeps_its_spaces_and_headers_stay_within_limits(
 
 
 def test_the_runtime_builds_the_smtp_transport_or_says_what_is_missing() -> None:
-    url = {"sender_unsubscribe_url": "https://shop.example/u/{action_id}"}
-    smtp = Settings(sender_transport="smtp", sender_url="smtp://127.0.0.1:2525", **url)
+    url = "https://shop.example/u/{action_id}"
+    smtp = Settings(
+        sender_transport="smtp", sender_url="smtp://127.0.0.1:2525", sender_unsubscribe_url=url
+    )
     assert isinstance(build_transport(smtp, "email"), SmtpTransport)
     with pytest.raises(ValueError, match="needs --url smtp://"):
-        build_transport(Settings(sender_transport="smtp", **url), "email")
+        build_transport(Settings(sender_transport="smtp", sender_unsubscribe_url=url), "email")
     with pytest.raises(ValueError, match="OMNICUE_SENDER_UNSUBSCRIBE_URL"):
         build_transport(Settings(sender_transport="smtp", sender_url="smtp://h"), "email")
