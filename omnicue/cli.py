@@ -11,11 +11,25 @@ import typer
 from omnicue.settings import Settings
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from omnicue.dlq import Selection
+    from omnicue.replay import Format
     from schemas.events import Channel
     from triggers.ruleset import RuleSet
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+
+class _Commands(typer.core.TyperGroup):
+    """`omnicue replay merge ...` is `replay-merge`: `replay` takes a file argument,
+    so it cannot be a group of its own."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if args[:2] == ["replay", "merge"]:
+            args = ["replay-merge", *args[2:]]
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, cls=_Commands)
 topics_app = typer.Typer(no_args_is_help=True, help="Kafka topics.")
 schema_app = typer.Typer(no_args_is_help=True, help="JSON Schema of the contracts.")
 rules_app = typer.Typer(no_args_is_help=True, help="Rules files.")
@@ -239,8 +253,26 @@ def replay(
             "the decisions go here too unless --decisions says where",
         ),
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Replay the OMNICUE_PARTITIONS partitions (the live pipeline's, by "
+            "customer) in N processes; the outputs are the same for every N",
+        ),
+    ] = None,
+    partition: Annotated[
+        str | None,
+        typer.Option(
+            help="i/N: replay partition i of N alone; --out is then a directory for "
+            "its actions and decisions, which `omnicue replay merge` combines",
+        ),
+    ] = None,
 ) -> None:
-    """Backtest rules offline: replay an event log through the engine in event time."""
+    """Backtest rules offline: replay an event log through the engine in event time.
+
+    The log may be gzip or zstd compressed. `omnicue replay merge DIR... --out FILE`
+    combines the outputs of `--partition` runs."""
     from omnicue.replay import (
         REPLAY_FORMATS,
         ReplayInputError,
@@ -268,23 +300,50 @@ def replay(
     except ValueError as exc:
         typer.echo(f"--until: {exc}", err=True)
         raise typer.Exit(2) from None
+    if partition is not None:
+        if workers is not None or report is not None:
+            typer.echo("--partition runs alone: no --workers, no --report", err=True)
+            raise typer.Exit(2)
+        raise typer.Exit(
+            _replay_one_partition(
+                events, partition, out, rules, horizon, fmt, synthetic_contacts,
+                cast("Channel", channel),
+            )
+        )  # fmt: skip
     if report is not None:
         report.mkdir(parents=True, exist_ok=True)
         # Lift is measured from the decisions: the report needs them.
         decisions = decisions or report / "decisions.jsonl"
     try:
-        summary = run_replay(
-            events,
-            out,
-            decisions,
-            rules,
-            horizon,
-            fmt,
-            progress,
-            _settings(),
-            synthetic_contacts=synthetic_contacts,
-            segment_channel=cast("Channel", channel),
-        )
+        if workers is not None:
+            from omnicue.partitioned import run_partitioned
+
+            summary = run_partitioned(
+                events,
+                out,
+                decisions,
+                rules,
+                horizon,
+                fmt,
+                progress,
+                _settings(),
+                workers=workers,
+                synthetic_contacts=synthetic_contacts,
+                segment_channel=cast("Channel", channel),
+            )
+        else:
+            summary = run_replay(
+                events,
+                out,
+                decisions,
+                rules,
+                horizon,
+                fmt,
+                progress,
+                _settings(),
+                synthetic_contacts=synthetic_contacts,
+                segment_channel=cast("Channel", channel),
+            )
     except RulesError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
@@ -308,6 +367,83 @@ def replay(
             fmt=fmt,
         )
         raise typer.Exit(code)
+
+
+def _replay_one_partition(
+    events: Path,
+    partition: str,
+    out: Path,
+    rules: Path | None,
+    horizon: datetime | None,
+    fmt: str,
+    synthetic_contacts: bool,
+    channel: Channel,
+) -> int:
+    from omnicue.partitioned import PartitionSpec, identity_prepass, replay_partition
+    from omnicue.replay import ReplayInputError
+    from schemas.rules import RulesError
+
+    try:
+        spec = PartitionSpec.parse(partition)
+    except ValueError as exc:
+        typer.echo(f"--partition: {exc}", err=True)
+        return 2
+    try:
+        groups = identity_prepass(events, cast("Format", fmt), channel)
+        result = replay_partition(
+            events, cast("Format", fmt), spec, groups, out, rules, horizon, _settings(),
+            synthetic_contacts=synthetic_contacts, segment_channel=channel,
+        )  # fmt: skip
+    except RulesError as exc:
+        typer.echo(str(exc), err=True)
+        return 2
+    except ReplayInputError as exc:
+        typer.echo(f"{events}: {exc}", err=True)
+        return 2
+    except OSError as exc:
+        typer.echo(f"{exc.filename or events}: {exc.strerror or exc}", err=True)
+        return 2
+    s = result.stats
+    typer.echo(
+        f"partition {partition}: {s.events:,} events, {s.action_count:,} actions, "
+        f"{sum(s.outcomes.values()):,} decisions -> {out}/{spec.label}.*"
+    )
+    return 0
+
+
+@app.command("replay-merge", hidden=True)
+def replay_merge(
+    parts: Annotated[
+        list[Path], typer.Argument(help="Directories of `omnicue replay --partition` outputs")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the actions (JSONL)")],
+    decisions: Annotated[
+        Path | None, typer.Option(help="Also write the merged decisions (JSONL) here")
+    ] = None,
+) -> None:
+    """`omnicue replay merge`: one partition output per partition, merged into the
+    files and the summary one `omnicue replay` of the whole log writes."""
+    from omnicue.partitioned import merge_partitions
+    from omnicue.replay import ReplayInputError, ReplaySummary
+
+    try:
+        stats, synthesized = merge_partitions(parts, out, decisions)
+    except ReplayInputError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        typer.echo(f"{exc.filename}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(2) from None
+    summary = ReplaySummary(
+        source=", ".join(str(p) for p in parts),
+        fmt="jsonl",
+        stats=stats,
+        elapsed=0.0,
+        actions_path=out,
+        decisions_path=decisions,
+        synthesized=synthesized,
+    )
+    typer.echo(summary.render().split("\n", 1)[1])
 
 
 @app.command("report")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import gc
 import io
-import os
 import sys
 import time
 from collections import Counter
@@ -21,7 +20,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any, Literal, TextIO
+from typing import IO, Any, Literal, TextIO, cast
 
 import orjson
 from pydantic import ValidationError
@@ -78,8 +77,40 @@ class ReplayInputError(ValueError):
 
 
 def format_for(path: Path) -> Format:
-    """The default format of a file: REES46 for `.csv`, else the JSONL contract."""
-    return "rees46" if path.suffix.lower() == ".csv" else "jsonl"
+    """The default format of a file: REES46 for `.csv` (also `.csv.gz`, `.csv.zst`),
+    else the JSONL contract."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in _COMPRESSED_SUFFIXES:
+        suffixes.pop()
+    return "rees46" if suffixes and suffixes[-1] == ".csv" else "jsonl"
+
+
+_COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd")
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+@contextmanager
+def open_events(path: Path) -> Iterator[tuple[IO[bytes], Callable[[], int]]]:
+    """An event log as a stream of its (decompressed) bytes, and where in the file
+    reading is (for a progress bar). gzip and zstd are recognised by their magic
+    bytes and decompressed as read: the file is never loaded whole."""
+    with open(path, "rb") as raw:
+        magic = raw.read(4)
+        raw.seek(0)
+        if magic.startswith(_GZIP_MAGIC):
+            import gzip
+
+            with gzip.GzipFile(fileobj=raw, mode="rb") as unzipped:
+                yield cast("IO[bytes]", unzipped), raw.tell
+        elif magic == _ZSTD_MAGIC:
+            import zstandard
+
+            reader = zstandard.ZstdDecompressor().stream_reader(raw, closefd=False)
+            with io.BufferedReader(reader, buffer_size=1 << 20) as unzstd:
+                yield unzstd, raw.tell
+        else:
+            yield raw, raw.tell
 
 
 # --------------------------------------------------------------------------- readers
@@ -170,7 +201,7 @@ class Rees46Reader:
         on_invalid: OnInvalid | None = None,
         on_line: Callable[[], None] | None = None,
     ) -> None:
-        self._stream = stream
+        self.stream = stream
         self._synthetic = synthetic_contacts
         self._on_invalid = on_invalid
         self._on_line = on_line
@@ -187,22 +218,40 @@ class Rees46Reader:
     def __iter__(self) -> Iterator[Event | InvalidLine]:
         # Bytes decoded here rather than by open(): an undecodable byte becomes one
         # odd field (and an invalid line), not an exception that ends the replay.
-        text = io.TextIOWrapper(self._stream, encoding="utf-8-sig", errors="replace", newline="")
+        text = io.TextIOWrapper(self.stream, encoding="utf-8-sig", errors="replace", newline="")
         try:
             yield from self._rows(csv.reader(text))
         finally:
             # Closing is the caller's: a collected wrapper would close the stream.
             text.detach()
 
-    def _rows(self, reader: Any) -> Iterator[Event | InvalidLine]:
-        header = next(reader, None)
-        if header is None:
-            return
-        if tuple(h.strip() for h in header) != REES46_COLUMNS:
+    @staticmethod
+    def check_header(header: list[str] | None) -> None:
+        if header is not None and tuple(h.strip() for h in header) != REES46_COLUMNS:
             # Not one bad line but the wrong file: every row would be misread.
             raise ReplayInputError(
                 f"not a REES46 CSV: expected the header {','.join(REES46_COLUMNS)}"
             )
+
+    def row_items(self, row: list[str], line: int) -> Iterator[Event | InvalidLine]:
+        """One non-blank row's event (after its synthetic contacts), or why not."""
+        value = row[0]
+        try:
+            occurred = self._last_parsed if value == self._last_time else self._time(value)
+            event = self._event(row, line, occurred)
+        except (ValidationError, ValueError) as exc:
+            yield self._invalid(line, describe_validation_error(exc))
+            return
+        if self._synthetic and event.customer_id not in self._known_users:
+            self._known_users.add(event.customer_id or "")
+            yield from self._contacts(event, line)
+        yield event
+
+    def _rows(self, reader: Any) -> Iterator[Event | InvalidLine]:
+        header = next(reader, None)
+        if header is None:
+            return
+        self.check_header(header)
         on_line = self._on_line
         synthetic = self._synthetic
         known = self._known_users
@@ -421,6 +470,8 @@ class ReplaySummary:
     decisions_path: Path | None = None
     # REES46 only: contact events made up by `synthetic_contacts`.
     synthesized: int = 0
+    # Processes the partitions were replayed in (`omnicue.partitioned`).
+    workers: int = 1
 
     @property
     def events_per_second(self) -> float:
@@ -429,8 +480,9 @@ class ReplaySummary:
     def render(self) -> str:
         s = self.stats
         synthetic = f" (incl. {self.synthesized:,} synthetic)" if self.synthesized else ""
+        workers = f", {self.workers} workers" if self.workers > 1 else ""
         lines = [
-            f"replayed {self.source} ({self.fmt}) in {self.elapsed:,.2f}s: "
+            f"replayed {self.source} ({self.fmt}{workers}) in {self.elapsed:,.2f}s: "
             f"{self.events_per_second:,.0f} events/s",
             f"events read:       {s.events:,}{synthetic}",
             f"invalid lines:     {s.invalid:,}",
@@ -514,15 +566,15 @@ def run_replay(
     started = time.perf_counter()
     with ExitStack() as files:
         files.enter_context(gc_tuned())
-        raw = files.enter_context(open(events_path, "rb"))
+        raw, position = files.enter_context(open_events(events_path))
         actions_file = files.enter_context(open(out, "w", encoding="utf-8", newline="\n"))
         decisions_file = (
             files.enter_context(open(decisions_path, "w", encoding="utf-8", newline="\n"))
             if decisions_path is not None
             else None
         )
-        console = _Console(str(events_path), err, _size(raw), progress)
-        console.position = raw.tell
+        console = _Console(str(events_path), err, events_path.stat().st_size, progress)
+        console.position = position
         rees46: Rees46Reader | None = None
         if fmt == "rees46":
             rees46 = Rees46Reader(
@@ -570,13 +622,6 @@ def parse_timestamp(value: str) -> datetime:
     if parsed.tzinfo is None:
         raise ValueError(f"timestamp {value!r} needs an offset, e.g. {value}Z")
     return parsed.astimezone(UTC)
-
-
-def _size(stream: IO[bytes]) -> int:
-    try:
-        return os.fstat(stream.fileno()).st_size
-    except (OSError, io.UnsupportedOperation):
-        return 0
 
 
 def _iso(at: datetime) -> str:

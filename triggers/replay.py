@@ -15,6 +15,15 @@ these rules on this traffic.
 
 Pure: no I/O and no wall clock, so the same input always gives the same outputs
 in the same order.
+
+Partitioned (`feed_at`): a replayer that sees only some customers' events is given
+each event's arrival on the whole log's clock and its position in the log, and
+tags every output with an `order` key. Sorting the outputs of all partitions by it
+gives the order one replayer of the whole log would have written them in: an
+event's output sits at its position; a timer firing sits before the first event
+whose horizon reached its due time, in (due time, customer key) order, or, when
+the partition only fires it after an event that made it due at once (a late event,
+a step with no delay), right after that event.
 """
 
 from __future__ import annotations
@@ -45,6 +54,15 @@ _PARTITION = 0
 _NEVER = datetime.max.replace(tzinfo=UTC)
 # Datetimes have microsecond resolution: once no timer is due at t, all are >= t + 1us.
 _TICK = timedelta(microseconds=1)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# An output's place in the whole log's order (see the module docstring): (time in
+# microseconds, 0 for a timer due then | 1 at an event, line, sub-position, 0 for
+# the event | 1 for a timer it made due at once, due time, customer key, sequence).
+OrderKey = tuple[int, int, int, int, int, int, str, int]
+
+
+def _micros(at: datetime) -> int:
+    return (at - _EPOCH) // _TICK
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +82,8 @@ class ReplayOutput:
     input: Event | TimerFired
     actions: list[Action]
     decisions: list[Decision]
+    # Set by a partitioned replay (`Replayer.feed_at`) only.
+    order: OrderKey | None = None
 
 
 def _action_counter() -> Counter[tuple[str, int, str]]:
@@ -141,6 +161,11 @@ class Replayer:
         # A lower bound of every scheduled due time, so that the common case (no
         # timer due yet) costs one comparison rather than a heap pop per event.
         self._low = _NEVER
+        # Partitioned replay: the order key of the last event applied, and a counter
+        # that keeps one customer's firings at one due time in order.
+        self._ordered = False
+        self._last_event: OrderKey | None = None
+        self._sequence = 0
 
     # ------------------------------------------------------------------ driving
 
@@ -161,6 +186,17 @@ class Replayer:
         """Fire the timers due by the item's arrival, then apply it."""
         outputs: list[ReplayOutput] = []
         self._step(item, outputs)
+        return outputs
+
+    def feed_at(
+        self, item: Event | InvalidLine, arrival: datetime, line: int, sub: int = 0
+    ) -> list[ReplayOutput]:
+        """As `feed`, for one partition of a log: `arrival` is the whole log's clock
+        at this item (never behind the previous one), `line` and `sub` its position
+        in the log; every output carries its `order` (see the module docstring)."""
+        self._ordered = True
+        outputs: list[ReplayOutput] = []
+        self._step(item, outputs, arrival, (line, sub))
         return outputs
 
     def finish(self, until: datetime | None = None) -> list[ReplayOutput]:
@@ -205,10 +241,31 @@ class Replayer:
             self._reschedule(raw_key, state)
             if out.actions or out.decisions:
                 self._record(out)
-                outputs.append(ReplayOutput(key, due_at, timer, out.actions, out.decisions))
+                order = self._timer_order(due_at, key) if self._ordered else None
+                outputs.append(
+                    ReplayOutput(key, due_at, timer, out.actions, out.decisions, order)
+                )
         self._low = now + _TICK
 
-    def _step(self, item: Event | InvalidLine, outputs: list[ReplayOutput]) -> None:
+    def _timer_order(self, due_at: datetime, key: str) -> OrderKey:
+        self._sequence += 1
+        last = self._last_event
+        due = _micros(due_at)
+        if last is not None and due <= last[0]:
+            # Made due at once by the last event (or a firing right after it): no
+            # partition's earlier event can have fired it, so it goes right after.
+            # (Defensive: `evolve` evaluates the steps due by its horizon itself, so
+            # an event leaves none due behind it today.)
+            return (last[0], 1, last[2], last[3], 1, due, key, self._sequence)
+        return (due, 0, 0, 0, 0, 0, key, self._sequence)
+
+    def _step(
+        self,
+        item: Event | InvalidLine,
+        outputs: list[ReplayOutput],
+        arrival: datetime | None = None,
+        position: tuple[int, int] = (0, 0),
+    ) -> None:
         # The per-event path: kept in one function, as it runs once per input line.
         stats = self.stats
         if isinstance(item, InvalidLine):
@@ -217,7 +274,14 @@ class Replayer:
         event = item
         occurred = event.occurred_at
         now = self.clock
-        if now is None:
+        if arrival is not None:
+            # Partitioned: the whole log's clock, which other partitions' events moved.
+            if now is None:
+                stats.first_event_at = arrival
+            now = self.clock = arrival
+            if occurred < now:
+                stats.late += 1
+        elif now is None:
             now = self.clock = stats.first_event_at = occurred
         elif occurred > now:
             now = self.clock = occurred
@@ -231,6 +295,11 @@ class Replayer:
                 self._fire_until(horizon, outputs)
         elif self._low <= now:
             self._fire_until(now, outputs)
+        order: OrderKey | None = None
+        if self._ordered:
+            line, sub = position
+            order = (_micros(horizon or now), 1, line, sub, 0, 0, "", 0)
+            self._last_event = order
 
         stats.events += 1
         stats.events_by_type[event.type] += 1
@@ -264,7 +333,7 @@ class Replayer:
         # looks again when it comes up).
         if out.decisions:
             self._record(out)
-            outputs.append(ReplayOutput(key, now, event, out.actions, out.decisions))
+            outputs.append(ReplayOutput(key, now, event, out.actions, out.decisions, order))
 
     def _resolve(self, event: Event, now: datetime) -> tuple[str, CustomerState, list[Decision]]:
         """The event's profile after identity resolution, with the profiles it links
