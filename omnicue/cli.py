@@ -203,11 +203,33 @@ def dev(
             "production (needs Java 17+, and Maven once to fetch its jars)"
         ),
     ] = "tansu",
+    transport: Annotated[
+        Literal["console", "webhook"],
+        typer.Option(
+            help="console: console senders, email over SMTP to the local mail catcher; "
+            "webhook: every sender POSTs to --webhook-url"
+        ),
+    ] = "console",
+    webhook_url: Annotated[
+        str | None, typer.Option(help="With --transport webhook; {channel} is replaced")
+    ] = None,
 ) -> None:
-    """Run everything locally: broker, Redis, worker, senders, the HTTP ingest, a simulator."""
+    """Run everything locally: broker, Redis, worker, senders, the HTTP ingest, a simulator,
+    and a mail catcher writing the emails sent as .eml files beside the logs."""
     from omnicue.dev import run_dev
 
-    raise typer.Exit(run_dev(rules=rules, simulate=simulate, broker=broker))
+    if (transport == "webhook") != (webhook_url is not None):
+        typer.echo("--transport webhook and --webhook-url URL go together", err=True)
+        raise typer.Exit(2)
+    raise typer.Exit(
+        run_dev(
+            rules=rules,
+            simulate=simulate,
+            broker=broker,
+            transport=transport,
+            webhook_url=webhook_url,
+        )
+    )
 
 
 @app.command()

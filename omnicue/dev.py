@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -45,6 +45,9 @@ from omnicue.services import ManagedProcess, RedisServer, ServiceError, TansuBro
 from omnicue.settings import Settings, parse_write_keys
 from schemas.topics import ACTION_CHANNELS
 
+if TYPE_CHECKING:
+    from senders.mail_catcher import MailCatcher
+
 # "tansu" needs only Python; "kafka" is what production runs, and needs Java.
 BrokerKind = Literal["tansu", "kafka"]
 BROKER_PORT = 9092
@@ -57,6 +60,11 @@ WEB_PORT = 6066
 INGEST_PORT = 8088
 # The dev stack's write key, unless OMNICUE_INGEST_WRITE_KEYS names others.
 DEV_WRITE_KEYS = "dev=web"
+# How the dev senders deliver: console (email to the mail catcher), or a webhook.
+DevTransport = Literal["console", "webhook"]
+# Placeholders unless the environment names real ones: dev email goes nowhere real.
+DEV_UNSUBSCRIBE_URL = "https://unsubscribe.example.invalid/{action_id}"
+DEV_WEBHOOK_SECRET = "omnicue-dev"
 # The first Faust group join on Tansu takes a few seconds; a cold laptop (imports,
 # RocksDB) can take much longer, and a false "failed to start" is worse than waiting.
 READY_TIMEOUT = 90.0
@@ -258,6 +266,7 @@ def render_screen(snap: Snapshot, before: Snapshot | None, uptime: float, stack:
         f"redis    {stack.redis_url}",
         f"worker   {stack.metrics_url}",
         f"ingest   {stack.ingest_url}",
+        f"mail     {stack.mail_note}",
         f"logs     {stack.run_dir}",
         "",
     ]
@@ -294,6 +303,9 @@ class DevStack:
     ingest: ManagedProcess | None = None
     web_port: int = WEB_PORT
     ingest_port: int = INGEST_PORT
+    transport: DevTransport = "console"
+    webhook_url: str | None = None
+    mail: MailCatcher | None = None
 
     @property
     def broker_url(self) -> str:
@@ -320,6 +332,33 @@ class DevStack:
     @property
     def ingest_url(self) -> str:
         return f"http://127.0.0.1:{self.ingest_port}"
+
+    @property
+    def mail_note(self) -> str:
+        """Where the mail catcher listens and writes, for the ready line and the screen."""
+        if self.mail is None:
+            return "-"
+        return f"{self.mail.url}, emails in {self.run_dir}/email-*.eml"
+
+    def sender_env(self, channel: str) -> dict[str, str]:
+        """The channel's sender settings: every sender to the webhook, or console ones
+        with email over SMTP to the mail catcher."""
+        if self.transport == "webhook":
+            assert self.webhook_url is not None
+            return {
+                "OMNICUE_SENDER_TRANSPORT": "webhook",
+                "OMNICUE_SENDER_URL": self.webhook_url,
+                "OMNICUE_WEBHOOK_SECRET": os.environ.get("OMNICUE_WEBHOOK_SECRET")
+                or DEV_WEBHOOK_SECRET,
+            }
+        if channel == "email" and self.mail is not None:
+            return {
+                "OMNICUE_SENDER_TRANSPORT": "smtp",
+                "OMNICUE_SENDER_URL": self.mail.url,
+                "OMNICUE_SENDER_UNSUBSCRIBE_URL": os.environ.get("OMNICUE_SENDER_UNSUBSCRIBE_URL")
+                or DEV_UNSUBSCRIBE_URL,
+            }
+        return {"OMNICUE_SENDER_TRANSPORT": "console"}
 
     @property
     def write_keys(self) -> str:
@@ -416,10 +455,16 @@ class DevStack:
         if self.ingest_port != INGEST_PORT:
             _say(f"port {INGEST_PORT} is taken: the ingest uses port {self.ingest_port} instead")
         self.ingest = self._python("ingest", ["ingest"], self.child_env())
+        from senders.mail_catcher import MailCatcher
+
+        # In this process (a thread), before the email sender that sends to it.
+        self.mail = MailCatcher(self.run_dir)
+        self.mail.start()
+        _say(f"started mail catcher {self.mail.url}, emails in {self.run_dir}")
         for channel in ACTION_CHANNELS:
             port = free_port()
             self.sender_ports[channel] = port
-            env = self.child_env(OMNICUE_SENDER_METRICS_PORT=str(port))
+            env = self.child_env(OMNICUE_SENDER_METRICS_PORT=str(port), **self.sender_env(channel))
             self.senders.append(
                 self._python(f"sender-{channel}", ["send", "--channel", channel], env)
             )
@@ -480,6 +525,8 @@ class DevStack:
                 except ServiceError:
                     pass  # stop() below escalates to SIGKILL
             self._stop(sender, 1)
+        if self.mail is not None:
+            self.mail.stop()
         if self.worker is not None:
             self._stop(self.worker, WORKER_STOP_TIMEOUT)
         if self.redis is not None:
@@ -515,6 +562,12 @@ class DevStack:
                 for channel, value in _sender_sent(sender_text).items():
                     _add(snap.sent, channel, value)
         return snap
+
+
+def _senders_note(stack: DevStack) -> str:
+    if stack.transport == "webhook":
+        return f"webhook {stack.webhook_url}"
+    return "console (email over SMTP to the mail catcher)"
 
 
 def _keys_note(write_keys: str) -> str:
@@ -585,7 +638,13 @@ def _ensure_kafka_jars() -> str | None:
     return None
 
 
-def run_dev(rules: Path | None, simulate: bool, broker: BrokerKind = "tansu") -> int:
+def run_dev(
+    rules: Path | None,
+    simulate: bool,
+    broker: BrokerKind = "tansu",
+    transport: DevTransport = "console",
+    webhook_url: str | None = None,
+) -> int:
     """Start the stack, show the live summary until a signal; 0 on a clean stop."""
     from omnicue.rules import load_rules, packaged_rules_path
     from schemas.rules import RulesError
@@ -615,7 +674,14 @@ def run_dev(rules: Path | None, simulate: bool, broker: BrokerKind = "tansu") ->
         return 1
 
     run_dir = _new_run_dir(Path(".omnicue/dev")).resolve()
-    stack = DevStack(run_dir=run_dir, rules=rules_path, simulate=simulate, broker_kind=broker)
+    stack = DevStack(
+        run_dir=run_dir,
+        rules=rules_path,
+        simulate=simulate,
+        broker_kind=broker,
+        transport=transport,
+        webhook_url=webhook_url,
+    )
     _say(f"omnicue dev: logs in {stack.run_dir}")
     _say(f"rules {rules_path}: {', '.join(r.id for r in ruleset.rules)}")
     started = time.monotonic()
@@ -626,6 +692,7 @@ def run_dev(rules: Path | None, simulate: bool, broker: BrokerKind = "tansu") ->
             _say(
                 f"omnicue dev ready in {time.monotonic() - started:.1f}s: "
                 f"ingest {stack.ingest_url} ({_keys_note(stack.write_keys)}), "
+                f"senders {_senders_note(stack)}, mail catcher {stack.mail_note}, "
                 f"broker {stack.broker_url} ({stack.broker_name}), redis {stack.redis_url}, "
                 f"worker metrics {stack.metrics_url}, logs {stack.run_dir}"
             )
