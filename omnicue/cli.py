@@ -449,7 +449,7 @@ def replay_merge(
     from omnicue.replay import ReplayInputError, ReplaySummary
 
     try:
-        stats, synthesized = merge_partitions(parts, out, decisions)
+        merged = merge_partitions(parts, out, decisions)
     except ReplayInputError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
@@ -459,11 +459,11 @@ def replay_merge(
     summary = ReplaySummary(
         source=", ".join(str(p) for p in parts),
         fmt="jsonl",
-        stats=stats,
+        stats=merged.stats,
         elapsed=0.0,
         actions_path=out,
         decisions_path=decisions,
-        synthesized=synthesized,
+        synthesized=merged.synthesized,
     )
     typer.echo(summary.render().split("\n", 1)[1])
 

@@ -367,6 +367,21 @@ class PartitionResult:
     stats: ReplayStats
     lines: int
     synthesized: int
+    # This process's peak resident set (VmHWM), KiB, and its CPU time so far.
+    peak_rss_kib: int = 0
+    cpu_seconds: float = 0.0
+
+
+def peak_rss_kib() -> int:
+    """This process's peak resident set size in KiB (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def replay_partition(
@@ -434,11 +449,21 @@ def replay_partition(
         hidden = reported - MAX_REPORTED_INVALID
         print(f"{events_path}: ... {hidden} more invalid line(s) not shown", file=err)
     result = PartitionResult(
-        replayer.stats, lines, rees46.synthesized if rees46 is not None else 0
+        replayer.stats,
+        lines,
+        rees46.synthesized if rees46 is not None else 0,
+        peak_rss_kib(),
+        time.process_time(),
     )
     (out_dir / f"{label}.stats.json").write_bytes(
-        orjson.dumps({"partitions": sorted(spec.owned), "count": spec.count}
-                     | {"synthesized": result.synthesized, "stats": stats_to_json(result.stats)})
+        orjson.dumps({
+            "partitions": sorted(spec.owned),
+            "count": spec.count,
+            "synthesized": result.synthesized,
+            "peak_rss_kib": result.peak_rss_kib,
+            "cpu_seconds": result.cpu_seconds,
+            "stats": stats_to_json(result.stats),
+        })
     )
     return result
 
@@ -551,9 +576,19 @@ def find_parts(directories: Iterable[Path]) -> tuple[list[Path], list[Path], lis
     return stats, actions, decisions
 
 
+@dataclass(frozen=True)
+class Merged:
+    stats: ReplayStats
+    synthesized: int
+    # The largest peak resident set of the partitions' processes, KiB.
+    peak_rss_kib: int
+    # Each partition process's CPU time (of those that recorded it).
+    cpu_seconds: tuple[float, ...] = ()
+
+
 def merge_partitions(
     directories: Iterable[Path], out: Path, decisions_path: Path | None
-) -> tuple[ReplayStats, int]:
+) -> Merged:
     """`omnicue replay merge`: the partitions' outputs as one replay's files."""
     stats_files, actions, decisions = find_parts(list(directories))
     merge_outputs(actions, out)
@@ -563,7 +598,12 @@ def merge_partitions(
         merge_outputs(decisions, decisions_path)
     datas = [orjson.loads(p.read_bytes()) for p in stats_files]
     stats = merge_stats(stats_from_json(d["stats"]) for d in datas)
-    return stats, sum(d["synthesized"] for d in datas)
+    return Merged(
+        stats,
+        sum(d["synthesized"] for d in datas),
+        max(d.get("peak_rss_kib", 0) for d in datas),
+        tuple(d["cpu_seconds"] for d in datas if "cpu_seconds" in d),
+    )
 
 
 # ------------------------------------------------------------------------ parallel
@@ -659,18 +699,20 @@ def run_partitioned(
             raise ReplayInputError(f"replay worker(s) failed: {', '.join(failed)}")
         if progress:
             bar.draw(final=True)
-        stats, synthesized = merge_partitions([tmp], out, decisions_path)
+        merged = merge_partitions([tmp], out, decisions_path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ReplaySummary(
         source=str(events_path),
         fmt=fmt,
-        stats=stats,
+        stats=merged.stats,
         elapsed=time.perf_counter() - started,
         actions_path=out,
         decisions_path=decisions_path,
-        synthesized=synthesized,
+        synthesized=merged.synthesized,
         workers=len(specs),
+        peak_rss_kib=merged.peak_rss_kib,
+        worker_cpu_seconds=merged.cpu_seconds,
     )
 
 

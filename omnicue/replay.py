@@ -470,8 +470,11 @@ class ReplaySummary:
     decisions_path: Path | None = None
     # REES46 only: contact events made up by `synthetic_contacts`.
     synthesized: int = 0
-    # Processes the partitions were replayed in (`omnicue.partitioned`).
+    # Processes the partitions were replayed in (`omnicue.partitioned`), and the
+    # largest peak resident set among them (KiB; 0 if not measured).
     workers: int = 1
+    peak_rss_kib: int = 0
+    worker_cpu_seconds: tuple[float, ...] = ()
 
     @property
     def events_per_second(self) -> float:
@@ -481,6 +484,8 @@ class ReplaySummary:
         s = self.stats
         synthetic = f" (incl. {self.synthesized:,} synthetic)" if self.synthesized else ""
         workers = f", {self.workers} workers" if self.workers > 1 else ""
+        if self.peak_rss_kib:
+            workers += f", peak RSS {self.peak_rss_kib / 1024:,.0f} MiB per worker"
         lines = [
             f"replayed {self.source} ({self.fmt}{workers}) in {self.elapsed:,.2f}s: "
             f"{self.events_per_second:,.0f} events/s",
