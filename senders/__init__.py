@@ -10,6 +10,8 @@ without a `sending` lease in Redis).
 - lease: the per-action `sending` lease and `sent` mark in Redis;
 - retry: which failures retry, the backoff, Retry-After, the retry record;
 - ratelimit: the channel's token bucket shared through Redis, with AIMD on 429;
-- transports: console and webhook (one attempt each);
+- transports: console and webhook (one attempt each); smtp: email over SMTP;
+- render: messages from Jinja2 templates; advertising: the Korean (광고) rules;
+- mail_catcher: the local SMTP server `omnicue dev` writes emails to files with;
 - runtime: the `omnicue send` process that ties them to Kafka.
 """
