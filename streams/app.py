@@ -22,6 +22,9 @@ from triggers.engine import EnginePolicy
 from triggers.ruleset import RuleSet
 from triggers.schedule import TimerSchedule
 
+# faust's producer linger on Apache Kafka (seconds); faust's default is 0.
+PRODUCER_LINGER_S = 0.005
+
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
@@ -67,6 +70,12 @@ def faust_app(settings: Settings) -> faust.App:
         # The dev broker reports wrong end offsets for multi-record batches, and
         # tables then recover stale values; one record per batch avoids it.
         producer_max_batch_size=1 if dev else 16384,
+        # On Apache Kafka faust's producer lingers 5 ms, as Kafka's own clients do by
+        # default since 4.0: the changelog writes of a batch (and the bare agent's sends)
+        # then go in fewer, fuller produce requests. Measured (bench.pipeline, 3
+        # alternated pairs): +2-10% events per worker core for the pipeline, +13-23% for
+        # the bare agent. On the dev broker a batch holds one record, so it would only wait.
+        producer_linger=0.0 if dev else PRODUCER_LINGER_S,
         # The session timeout is how long a dead worker's partitions wait for a new
         # owner: faust's 60 s would hold a crashed worker's customers for a minute.
         # Kafka's classic 10 s; 6 s on the dev broker, whose first group join takes
