@@ -193,14 +193,9 @@ def _text(value: Any) -> str | None:
 # ------------------------------------------------------------------------- reading
 
 
-@dataclass(slots=True)
-class Routed:
-    """One line's item, at the whole log's clock and its place in the log."""
-
-    item: Event | InvalidLine
-    arrival: datetime
-    line: int
-    sub: int
+# One line's items (sub-positions 0, 1, ...), the whole log's clock at the line,
+# and the line number: what `Replayer.run_at` takes.
+Routed = tuple[list[Event | InvalidLine], datetime, int]
 
 
 class _Clock:
@@ -280,12 +275,12 @@ class _Router:
         self.spec = spec
         self.groups = groups
         # Key -> owned? Bounded by the customers seen, as their states are.
-        self._mine: dict[str, bool] = {}
+        self.cache: dict[str, bool] = {}
 
     def owns(self, key: str) -> bool:
-        mine = self._mine.get(key)
+        mine = self.cache.get(key)
         if mine is None:
-            mine = self._mine[key] = (
+            mine = self.cache[key] = (
                 partition_for(key.encode(), self.spec.count) in self.spec.owned
             )
         return mine
@@ -308,24 +303,26 @@ def route_dicts(
         if number % _PROGRESS_EVERY == 0:
             on_line(number)
         if isinstance(events, str):
-            if owns_unroutable and clock.now is not None:
-                yield Routed(InvalidLine(number, events), clock.now, number, 0)
-            elif owns_unroutable:
-                yield Routed(InvalidLine(number, events), _MIN, number, 0)
+            if owns_unroutable:
+                yield [InvalidLine(number, events)], clock.now or _MIN, number
             continue
-        for sub, event in enumerate(events):
-            arrival = clock.see(event.get("occurred_at"))
-            if not owns(route_key(event)):
-                continue
+        # A Segment message maps to one event, or to several of one person.
+        arrival = _MIN
+        for event in events:
+            arrival = clock.see(event.get("occurred_at")) or _MIN
+        if not owns(route_key(events[0])):
+            continue
+        items: list[Event | InvalidLine] = []
+        for event in events:
             try:
-                item: Event | InvalidLine = (
+                items.append(
                     event_adapter.validate_json(line)
                     if fmt == "jsonl"
                     else event_adapter.validate_python(event)
                 )
             except ValidationError as exc:
-                item = InvalidLine(number, describe_validation_error(exc))
-            yield Routed(item, arrival or _MIN, number, sub)
+                items.append(InvalidLine(number, describe_validation_error(exc)))
+        yield items, arrival, number
 
 
 def route_rees46(
@@ -339,22 +336,31 @@ def route_rees46(
     try:
         rows = csv.reader(text)
         reader.check_header(next(rows, None))
+        # The per-row path of every worker, for every row: inlined.
+        mine = router.cache
         owns = router.owns
+        row_items = reader.row_items
         see = clock.see
-        columns = 9
+        last_time = ""
+        arrival = _MIN
+        count = 0
         for row in rows:
-            reader.rows += 1
-            if reader.rows % _PROGRESS_EVERY == 0:
-                on_line(reader.rows)
+            count += 1
+            if count % _PROGRESS_EVERY == 0:
+                reader.rows = count
+                on_line(count)
             if not row:
                 continue
-            line = rows.line_num
-            arrival = see(row[0])
-            if not owns(row[7] if len(row) == columns else ""):
-                continue
-            # Contacts before the event: subs 0 and 1; the row's event is sub 2.
-            for sub, item in enumerate(reader.row_items(row, line), 3 - 1):
-                yield Routed(item, arrival or _MIN, line, sub)
+            if row[0] != last_time:
+                last_time = row[0]
+                arrival = see(last_time) or _MIN
+            user = row[7] if len(row) == 9 else ""
+            owned = mine.get(user)
+            if owned is None:
+                owned = owns(user)
+            if owned:
+                yield row_items(row, rows.line_num), arrival, rows.line_num
+        reader.rows = count
     finally:
         text.detach()
 
@@ -432,16 +438,25 @@ def replay_partition(
             routed = route_rees46(rees46, router, clock, on_line)
         else:
             routed = route_dicts(stream, fmt, router, clock, segment_channel, on_line)
-        feed_at = replayer.feed_at
-        for r in routed:
-            if isinstance(r.item, InvalidLine):
-                reported += 1
-                if reported <= MAX_REPORTED_INVALID:
-                    print(f"{events_path}:{r.line}: {r.item.error}", file=err)
-            for output in feed_at(r.item, r.arrival, r.line, r.sub):
-                _write(output, actions, decisions)
-        horizon = until if until is not None else clock.now
-        for output in replayer.finish(horizon):
+        def checked(lines: Iterator[Routed]) -> Iterator[Routed]:
+            """The lines, with their invalid items reported (the owner's to report)."""
+            nonlocal reported
+            for line in lines:
+                items = line[0]
+                if len(items) == 1 and type(items[0]) is not InvalidLine:
+                    yield line  # the common case, one valid event
+                    continue
+                for item in items:
+                    if isinstance(item, InvalidLine):
+                        reported += 1
+                        if reported <= MAX_REPORTED_INVALID:
+                            print(f"{events_path}:{item.line}: {item.error}", file=err)
+                yield line
+
+        for output in replayer.run_at(checked(routed)):
+            _write(output, actions, decisions)
+        # Every line has been read: the clock is the whole log's last arrival.
+        for output in replayer.finish(until if until is not None else clock.now):
             _write(output, actions, decisions)
         lines = rees46.rows if rees46 is not None else 0
         progress(position(), lines)

@@ -233,19 +233,18 @@ class Rees46Reader:
                 f"not a REES46 CSV: expected the header {','.join(REES46_COLUMNS)}"
             )
 
-    def row_items(self, row: list[str], line: int) -> Iterator[Event | InvalidLine]:
+    def row_items(self, row: list[str], line: int) -> list[Event | InvalidLine]:
         """One non-blank row's event (after its synthetic contacts), or why not."""
         value = row[0]
         try:
             occurred = self._last_parsed if value == self._last_time else self._time(value)
             event = self._event(row, line, occurred)
         except (ValidationError, ValueError) as exc:
-            yield self._invalid(line, describe_validation_error(exc))
-            return
+            return [self._invalid(line, describe_validation_error(exc))]
         if self._synthetic and event.customer_id not in self._known_users:
             self._known_users.add(event.customer_id or "")
-            yield from self._contacts(event, line)
-        yield event
+            return [*self._contacts(event, line), event]
+        return [event]
 
     def _rows(self, reader: Any) -> Iterator[Event | InvalidLine]:
         header = next(reader, None)

@@ -29,7 +29,7 @@ a step with no delay), right after that event.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -164,7 +164,8 @@ class Replayer:
         # Partitioned replay: the order key of the last event applied, and a counter
         # that keeps one customer's firings at one due time in order.
         self._ordered = False
-        self._last_event: OrderKey | None = None
+        # (horizon, line, sub-position)
+        self._last_event: tuple[datetime, int, int] | None = None
         self._sequence = 0
 
     # ------------------------------------------------------------------ driving
@@ -198,6 +199,22 @@ class Replayer:
         outputs: list[ReplayOutput] = []
         self._step(item, outputs, arrival, (line, sub))
         return outputs
+
+    def run_at(
+        self, positioned: Iterable[tuple[Sequence[Event | InvalidLine], datetime, int]]
+    ) -> Iterator[ReplayOutput]:
+        """`feed_at` over a partition's lines: (the line's items, arrival, line number);
+        a line's items are at sub-positions 0, 1, .... Then call `finish` with the
+        whole log's last arrival (or later)."""
+        self._ordered = True
+        outputs: list[ReplayOutput] = []
+        step = self._step
+        for items, arrival, line in positioned:
+            for sub, item in enumerate(items):
+                step(item, outputs, arrival, (line, sub))
+            if outputs:
+                yield from outputs
+                outputs.clear()
 
     def finish(self, until: datetime | None = None) -> list[ReplayOutput]:
         """Fire every timer due up to `until` (default: the last arrival)."""
@@ -251,12 +268,12 @@ class Replayer:
         self._sequence += 1
         last = self._last_event
         due = _micros(due_at)
-        if last is not None and due <= last[0]:
+        if last is not None and due_at <= last[0]:
             # Made due at once by the last event (or a firing right after it): no
             # partition's earlier event can have fired it, so it goes right after.
             # (Defensive: `evolve` evaluates the steps due by its horizon itself, so
             # an event leaves none due behind it today.)
-            return (last[0], 1, last[2], last[3], 1, due, key, self._sequence)
+            return (_micros(last[0]), 1, last[1], last[2], 1, due, key, self._sequence)
         return (due, 0, 0, 0, 0, 0, key, self._sequence)
 
     def _step(
@@ -295,11 +312,8 @@ class Replayer:
                 self._fire_until(horizon, outputs)
         elif self._low <= now:
             self._fire_until(now, outputs)
-        order: OrderKey | None = None
         if self._ordered:
-            line, sub = position
-            order = (_micros(horizon or now), 1, line, sub, 0, 0, "", 0)
-            self._last_event = order
+            self._last_event = (horizon or now, *position)
 
         stats.events += 1
         stats.events_by_type[event.type] += 1
@@ -333,6 +347,10 @@ class Replayer:
         # looks again when it comes up).
         if out.decisions:
             self._record(out)
+            order: OrderKey | None = None
+            if self._ordered:
+                line, sub = position
+                order = (_micros(horizon or now), 1, line, sub, 0, 0, "", 0)
             outputs.append(ReplayOutput(key, now, event, out.actions, out.decisions, order))
 
     def _resolve(self, event: Event, now: datetime) -> tuple[str, CustomerState, list[Decision]]:
