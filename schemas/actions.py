@@ -43,6 +43,10 @@ class Action(BaseModel):
     expires_at: AwareDatetime
     trigger_event_id: str
     trigger_occurred_at: AwareDatetime
+    # The customer's, when known: senders choose the message's language by them, and
+    # Korean advertising rules apply by them (senders/render.py, senders/advertising.py).
+    locale: str | None = None
+    timezone: str | None = None
 
 
 def make_action_id(rule_id: str, customer_id: str, journey_id: str, step: int) -> str:

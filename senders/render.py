@@ -14,9 +14,9 @@ with every template the rules name, so a missing one stops the sender before it
 sends anything, not at send time.
 
 The language: the customer's locale (`ko-KR` is `ko`), else Korean when their timezone
-is Korean, else `OMNICUE_SENDER_DEFAULT_LOCALE`. The action contract has no locale
-or timezone yet: until it does, they are read from the action's payload (`locale`,
-`timezone`) when the engine puts them there, or passed to `render` explicitly.
+is Korean, else `OMNICUE_SENDER_DEFAULT_LOCALE`. The engine puts the customer's
+locale and timezone on every action; a customer with neither is taken to be in
+`OMNICUE_DEFAULT_TIMEZONE`.
 
 `render` is pure (templates are read once, at construction): the runtime calls it
 for every transport, and the webhook body carries its result.
@@ -201,11 +201,8 @@ class Renderer:
         """The message for `action`. Raises TemplateError (a template missing since
         `check`, or one using a variable the action lacks)."""
         options = self.options
-        payload = action.payload
-        if locale is None and isinstance(payload.get("locale"), str):
-            locale = payload["locale"]
-        if timezone is None and isinstance(payload.get("timezone"), str):
-            timezone = payload["timezone"]
+        locale = locale if locale is not None else action.locale
+        timezone = timezone if timezone is not None else action.timezone
         if locale is None and timezone is None:
             timezone = options.default_timezone
         language = language_of(locale, timezone, options.default_language)
@@ -229,7 +226,7 @@ class Renderer:
         context: dict[str, Any] = {
             # The model itself: attribute access, no dump per message.
             "action": action,
-            "payload": payload,
+            "payload": action.payload,
             "customer_id": action.customer_id,
             "channel": action.channel,
             "language": language,

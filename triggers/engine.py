@@ -703,6 +703,8 @@ def _fire(
             expires_at=journey.step_due_at + rule.expires_after,
             trigger_event_id=journey.trigger_event_id,
             trigger_occurred_at=journey.trigger_occurred_at,
+            locale=state.locale,
+            timezone=state.timezone,
         )
     )
     out.effective_due.append(journey.due_at)

@@ -50,9 +50,15 @@ def _action(
         "category": category, "template": template,
         "recipient": Recipient(email="kim@example.com", phone="+821012345678"),
         "payload": CART if payload is None else payload,
+        # The customer's locale and timezone travel on the action, not in its payload;
+        # tests name them beside the payload's fields for brevity.
         "created_at": NOW, "due_at": NOW, "expires_at": NOW + timedelta(hours=1),
         "trigger_event_id": "e1", "trigger_occurred_at": NOW,
     }  # fmt: skip
+    payload_values = dict(values["payload"])
+    for field in ("locale", "timezone"):
+        values[field] = payload_values.pop(field, None)
+    values["payload"] = payload_values
     return Action(**values)
 
 

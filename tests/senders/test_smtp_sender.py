@@ -57,7 +57,7 @@ def test_the_smtp_sender_delivers_rendered_email_and_reports_bounces_at_once(
                          payload={"value": 12000.0})  # fmt: skip
     american = make_action(
         "email", recipient=Recipient(email="amy@example.com"),
-        payload={"locale": "en-US", "timezone": "America/Chicago"},
+        locale="en-US", timezone="America/Chicago",
     )  # fmt: skip
     bounced = make_action("email", recipient=Recipient(email="gone@example.com"))
     env = sender_env(

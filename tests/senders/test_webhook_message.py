@@ -13,7 +13,7 @@ from tests.senders.harness import make_action
 
 
 def test_the_body_is_the_action_with_its_rendered_message() -> None:
-    action = make_action("sms", payload={"value": 12000.0, "locale": "ko-KR"})
+    action = make_action("sms", payload={"value": 12000.0}, locale="ko-KR")
     message = Renderer(options=RenderOptions(unsubscribe_url="https://u/{action_id}")).render(
         action
     )

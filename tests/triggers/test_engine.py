@@ -298,3 +298,18 @@ def test_a_new_cart_forgets_carts_untouched_for_30_days_unless_a_journey_is_keye
     # cart-1: idle 30.5 days. cart-2: as idle, but its follow-up is due at 40 days and
     # will carry its lines. cart-3: changed 29.5 days ago.
     assert sorted(state.carts) == ["cart-2", "cart-3", "cart-4"]
+
+
+def test_an_action_carries_the_customers_locale_and_timezone_for_its_sender() -> None:
+    traits = {"email": "kim@example.com", "locale": "en-US", "timezone": "America/Chicago"}
+    state, _, _ = run(
+        [at(event("identify", {"traits": traits})), at(consent("email")), at(cart_add())]
+    )
+    _, [action], _ = run([tick(30)], state=state)
+    assert (action.channel, action.locale, action.timezone) == (
+        "email", "en-US", "America/Chicago"
+    )
+    # A customer who never said: the sender falls back to its defaults.
+    state, _, _ = run([at(identify()), at(consent("email")), at(cart_add())])
+    _, [action], _ = run([tick(30)], state=state)
+    assert (action.locale, action.timezone) == (None, None)
