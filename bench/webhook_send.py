@@ -37,6 +37,7 @@ from omnicue.settings import Settings
 from omnicue.topics import create_topics
 from schemas.actions import Action, Recipient, make_action_id
 from schemas.topics import ACTIONS
+from senders.render import build_renderer
 from senders.transports import sign, webhook_body
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,9 +101,11 @@ def make_actions(count: int) -> list[Action]:
     now = datetime.now(UTC)
     return [
         Action(
-            action_id=make_action_id("bench", f"c{i}", now.isoformat(), 1),
-            rule_id="bench", rule_version="1", step=1, customer_id=f"c{i}",
-            journey_key="j", channel=CHANNEL, category="marketing", template="t",
+            action_id=make_action_id("cart_abandonment", f"c{i}", now.isoformat(), 1),
+            rule_id="cart_abandonment", rule_version="1", step=1, customer_id=f"c{i}",
+            journey_key="j", channel=CHANNEL, category="marketing",
+            # A packaged template: the sender renders it into the body.
+            template="cart_reminder_1",
             recipient=Recipient(phone="+821012345678"), created_at=now, due_at=now,
             expires_at=now + timedelta(hours=1), trigger_event_id=f"e{i}",
             trigger_occurred_at=now,
@@ -111,18 +114,18 @@ def make_actions(count: int) -> list[Action]:
     ]
 
 
-async def bare_loop(url: str, actions: list[Action], concurrency: int) -> float:
-    """Sends per second of N concurrent POSTs, the same body and headers as the sender."""
-    queue = iter(actions)
+async def bare_loop(url: str, bodies: list[tuple[str, bytes]], concurrency: int) -> float:
+    """Sends per second of N concurrent POSTs of ready bodies (the sender's very bytes,
+    rendered beforehand) with the sender's headers."""
+    queue = iter(bodies)
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
 
         async def worker() -> None:
-            for action in queue:
-                body = webhook_body(action)
+            for key, body in queue:
                 headers = {
                     "Content-Type": "application/json",
-                    "Idempotency-Key": action.action_id,
+                    "Idempotency-Key": key,
                     "X-Omnicue-Signature": sign(body, SECRET),
                 }
                 async with session.post(url, data=body, headers=headers) as response:
@@ -131,7 +134,12 @@ async def bare_loop(url: str, actions: list[Action], concurrency: int) -> float:
 
         started = time.monotonic()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return len(actions) / (time.monotonic() - started)
+        return len(bodies) / (time.monotonic() - started)
+
+
+def bodies(settings: Settings, actions: list[Action]) -> list[tuple[str, bytes]]:
+    render = build_renderer(settings, CHANNEL, strict=False).render
+    return [(a.action_id, webhook_body(a, render(a))) for a in actions]
 
 
 def run_sender(
@@ -205,13 +213,12 @@ def main() -> None:
             create_topics(settings)
             # Warm-up, then rounds of the bare loop and the sender, alternating, on the
             # same server: a shared machine's load drifts, so each round is a pair.
-            asyncio.run(bare_loop(url.format(channel=CHANNEL), make_actions(500), 16))
+            target = url.format(channel=CHANNEL)
+            asyncio.run(bare_loop(target, bodies(settings, make_actions(500)), 16))
             rounds = []
             for _ in range(args.rounds):
-                bare = asyncio.run(
-                    bare_loop(url.format(channel=CHANNEL), make_actions(args.actions),
-                              args.concurrency)
-                )  # fmt: skip
+                ready = bodies(settings, make_actions(args.actions))
+                bare = asyncio.run(bare_loop(target, ready, args.concurrency))
                 sender = run_sender(
                     settings, url, make_actions(args.actions), args.concurrency, logs, ack_port
                 )

@@ -198,6 +198,7 @@ class Sender:
         self._topics = (ACTIONS[channel], SENDER_RETRIES[channel])
         self._offsets: dict[TopicPartition, PartitionOffsets] = {}
         self._tasks: dict[asyncio.Task[None], str] = {}
+        self._pending = dict.fromkeys(self._topics, 0)
         self._slots = asyncio.Semaphore(settings.sender_max_in_flight)
         self._stop = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
@@ -291,6 +292,7 @@ class Sender:
                     offsets.read(record.offset)
                     task = asyncio.create_task(self._handle(record, offsets))
                     self._tasks[task] = tp.topic
+                    self._pending[tp.topic] += 1
                     task.add_done_callback(self._finished)
             self.metrics.in_flight.labels(channel=self.channel).set(len(self._tasks))
             if time.monotonic() - last_commit >= _COMMIT_INTERVAL:
@@ -298,7 +300,9 @@ class Sender:
                 last_commit = time.monotonic()
 
     def _finished(self, task: asyncio.Task[None]) -> None:
-        self._tasks.pop(task, None)
+        topic = self._tasks.pop(task, None)
+        if topic is not None:
+            self._pending[topic] -= 1
         self.metrics.in_flight.labels(channel=self.channel).set(len(self._tasks))
         if not task.cancelled() and (exc := task.exception()) is not None:
             # A bug, not a provider failure: the record stays unfinished (redelivered
@@ -308,7 +312,7 @@ class Sender:
     def _pause_when_full(self, consumer: AIOKafkaConsumer) -> None:
         limit = self.settings.sender_max_in_flight * _PENDING_PER_SLOT
         for topic in self._topics:
-            pending = sum(1 for t in self._tasks.values() if t == topic)
+            pending = self._pending[topic]
             partitions = [tp for tp in consumer.assignment() if tp.topic == topic]
             if pending >= limit:
                 consumer.pause(*partitions)
