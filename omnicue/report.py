@@ -27,7 +27,7 @@ from measure.touches import (
     resolve,
     touches_from,
 )
-from omnicue.replay import MAX_REPORTED_INVALID, Format, Rees46Reader, read_jsonl
+from omnicue.replay import MAX_REPORTED_INVALID, Format, Rees46Reader, open_events, read_jsonl
 from omnicue.rules import read_rules_file
 from schemas.actions import Action
 from schemas.decisions import Decision
@@ -143,7 +143,7 @@ def make_report(
     """Read everything and measure. Raises `RulesError`, `ReplayInputError`, `OSError`."""
     err = stderr if stderr is not None else sys.stderr
     rules = read_rules_file(rules_path)
-    with open(events_path, "rb") as stream:
+    with open_events(events_path) as (stream, _):  # plain, gzip or zstd
         measured = read_events(stream, fmt)
     actions = read_records(actions_path, Action, err)
     decisions = read_records(decisions_path, Decision, err)

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from omnicue.cli import app
 from omnicue.partitioned import IdentityGroups, PartitionSpec, run_partitioned
 from omnicue.replay import ReplaySummary, format_for, run_replay
+from omnicue.report import run_report
 from omnicue.settings import Settings
 from tests.factories import T0, event_dict
 from triggers.partitioner import partition_for
@@ -161,6 +162,29 @@ def test_rees46_with_synthetic_contacts_is_the_same_for_1_2_and_3_workers(
     run_both(source, tmp_path, Settings(partitions=5), synthetic_contacts=True)
 
 
+def test_segment_messages_are_the_same_for_1_2_and_3_workers(tmp_path: Path) -> None:
+    from omnicue.segment import to_segment
+
+    messages = [
+        orjson.dumps(to_segment(orjson.loads(line))) if line.startswith(b'{"event_id"') else line
+        for line in generated_log(seed=5)
+    ]
+    source = write(tmp_path / "segment.jsonl", messages)
+    settings = Settings(partitions=8)
+    single = run_replay(
+        source, tmp_path / "single.actions.jsonl", tmp_path / "single.decisions.jsonl", None,
+        None, "segment", False, settings,
+    )  # fmt: skip
+    assert single.stats.merges > 0
+    for n in (1, 2, 3):
+        summary = run_partitioned(
+            source, tmp_path / f"n{n}.actions.jsonl", tmp_path / f"n{n}.decisions.jsonl", None,
+            None, "segment", False, settings, workers=n,
+        )  # fmt: skip
+        assert outputs(tmp_path, f"n{n}") == outputs(tmp_path, "single"), f"--workers {n}"
+        assert counts(summary) == counts(single)
+
+
 def test_gzip_and_zstd_inputs_replay_as_the_plain_file(tmp_path: Path) -> None:
     plain = rees46_log(tmp_path / "events.csv")
     data = plain.read_bytes()
@@ -178,6 +202,11 @@ def test_gzip_and_zstd_inputs_replay_as_the_plain_file(tmp_path: Path) -> None:
             "rees46", False, settings, synthetic_contacts=True,
         )  # fmt: skip
         assert outputs(tmp_path, "c") == expected
+        code = run_report(
+            source, tmp_path / "c.actions.jsonl", tmp_path / "c.decisions.jsonl", None,
+            json_path=tmp_path / "c.report.json", fmt="rees46",
+        )  # fmt: skip
+        assert code == 0
         run_partitioned(
             source, tmp_path / "c.actions.jsonl", tmp_path / "c.decisions.jsonl", None, None,
             "rees46", False, settings, workers=2, synthetic_contacts=True,
@@ -199,6 +228,7 @@ def test_partitions_replayed_alone_merge_into_the_whole_replay(
     )  # fmt: skip
     assert whole.exit_code == 0, whole.output
     assert "2 workers" in whole.output
+    assert "ETA" in whole.output  # the --progress bar, over both workers
     for i in range(4):
         part = runner.invoke(
             app,
