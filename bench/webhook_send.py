@@ -9,8 +9,8 @@ POST, publish `message.sent`, mark it sent, commit. The target is at least half 
 bare loop's rate.
 
 `python -m bench.webhook_send [--actions N] [--concurrency C]` starts its own Tansu
-broker, Redis and ack server, prints a JSON line and writes it under
-bench/results/ (with --save).
+broker, Redis and ack server, prints a JSON line and, with --save, writes it to
+bench/results/webhook_send.json.
 """
 
 from __future__ import annotations
@@ -242,7 +242,7 @@ def main() -> None:
     }
     print(json.dumps(result))
     if args.save:
-        out = REPO / "bench" / "results" / f"webhook_send-{result['at'][:10]}.json"
+        out = REPO / "bench" / "results" / "webhook_send.json"
         out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
 
