@@ -36,6 +36,9 @@ COUNTERS = {
     "omnicue_actions_total",
     "omnicue_decisions_total",
     "omnicue_sender_actions_total",
+    "omnicue_sender_failed_total",
+    "omnicue_sender_retries_total",
+    "omnicue_sender_rate_limited_total",
     "omnicue_step_errors_total",
     "omnicue_timer_errors_total",
     "omnicue_rules_invalid_total",
@@ -45,8 +48,14 @@ HISTOGRAMS = {
     "omnicue_timer_lateness_seconds",
     "omnicue_batch_events",
     "omnicue_action_deferral_seconds",
+    "omnicue_sender_send_latency_seconds",
 }
-GAUGES = {"omnicue_timers_pending", "omnicue_customers_in_state"}
+GAUGES = {
+    "omnicue_timers_pending",
+    "omnicue_customers_in_state",
+    "omnicue_sender_rate_limit",
+    "omnicue_sender_in_flight",
+}
 # Names a query may select: histograms only through their exposed series.
 KNOWN_METRICS = (
     COUNTERS
