@@ -132,7 +132,9 @@ class Settings(BaseSettings):
     @field_validator("sender_rate", mode="before")
     @classmethod
     def _per_second(cls, value: Any) -> Any:
-        # `50/s`, as `--rate` takes it.
+        # `50/s`, as `--rate` takes it; empty (compose's `${OMNICUE_SENDER_RATE:-}`): none.
+        if isinstance(value, str) and not value.strip():
+            return None
         if isinstance(value, str) and value.strip().endswith("/s"):
             return value.strip()[:-2]
         return value

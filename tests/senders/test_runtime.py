@@ -83,3 +83,12 @@ def test_cli_rejects_bad_sender_options_at_start(args: list[str], message: str) 
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_empty_sender_variables_mean_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What docker-compose passes for `${OMNICUE_SENDER_RATE:-}` and friends.
+    for name in ("OMNICUE_SENDER_RATE", "OMNICUE_SENDER_URL", "OMNICUE_WEBHOOK_SECRET"):
+        monkeypatch.setenv(name, "")
+    settings = Settings()
+    assert settings.sender_rate is None
+    assert isinstance(build_transport(settings, "push"), ConsoleTransport)
