@@ -81,3 +81,41 @@ def test_a_sender_killed_mid_delivery_delivers_everything_once(
     }
     assert keys <= sent
     assert not [e for e in events if e.type == "message.failed"]
+
+
+def test_a_retry_waiting_when_its_sender_dies_is_not_lost(
+    make_settings: Callable[..., Settings], run_dir: Path
+) -> None:
+    settings = make_settings()
+    bootstrap = settings.bootstrap_servers[0]
+    target, *others = [make_action("sms") for _ in range(5)]
+    keys = {target.action_id, *(a.action_id for a in others)}
+
+    with RecordingProvider() as provider:
+        # 503 with a long Retry-After: the action sits on the retry topic, its retry not
+        # due for 5 s, when the sender is killed.
+        provider.replies[target.action_id] = [(503, {"Retry-After": "5"})]
+        sender = webhook_sender(
+            settings, "sms", provider.url, SECRET, run_dir / "sender-retrying.log", free_port()
+        )
+        try:
+            sender.start()
+            sender.wait_for_line(r"^sender sms ready$", timeout=60)
+            produce(bootstrap, [target, *others])
+            sender.wait_for_line(rf"action {target.action_id}: http_503, attempt 2", timeout=30)
+            provider.wait_delivered({a.action_id for a in others})
+            sender.kill()
+            sender.wait(timeout=10)
+            assert target.action_id not in provider.delivered
+
+            sender.start()
+            sender.wait_for_line(r"^sender sms ready$", timeout=60)
+            provider.wait_delivered(keys, timeout=90)
+            assert sender.stop() == 0, sender.log_tail()
+        finally:
+            sender.stop()
+
+    assert provider.count(target.action_id) == 2
+    assert max(provider.count(key) for key in keys) <= 2
+    first, second = (r.at for r in provider.requests if r.key == target.action_id)
+    assert second - first >= 5.0
