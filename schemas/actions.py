@@ -14,6 +14,25 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from schemas.events import ActionChannel, Category
 
 
+# Contact points as logs and screens show them (the console sender, the profile view).
+def mask_email(email: str) -> str:
+    """`lee@example.com` -> `l**@example.com`: enough to recognise, not to write to."""
+    local, at, domain = email.partition("@")
+    if not at:
+        return mask_secret(email)
+    return f"{local[:1]}{'*' * max(len(local) - 1, 2)}@{domain}"
+
+
+def mask_phone(phone: str) -> str:
+    """`+821012345678` -> `*********5678`: the last four digits, as receipts print."""
+    return "*" * max(len(phone) - 4, 4) + phone[-4:]
+
+
+def mask_secret(value: str) -> str:
+    """A device token or anything else opaque: its first four characters only."""
+    return value[:4] + "…" if len(value) > 4 else "…"
+
+
 class Recipient(BaseModel):
     """The contact point the action is for, on its channel."""
 

@@ -15,7 +15,7 @@ from typing import Literal, Protocol
 
 import aiohttp
 
-from schemas.actions import Action
+from schemas.actions import Action, mask_email, mask_phone, mask_secret
 from senders.render import RenderedMessage, TemplateError
 from senders.retry import is_retryable_status, parse_retry_after
 
@@ -56,12 +56,14 @@ class Transport(Protocol):
 
 
 def _contact(action: Action) -> str:
+    # Masked: a console sender's output lands in terminals and log collectors.
     recipient = action.recipient
     if action.channel == "push":
-        return f"token={recipient.push_token or '-'}"
+        token = recipient.push_token
+        return f"token={mask_secret(token) if token else '-'}"
     if action.channel == "email":
-        return f"email={recipient.email or '-'}"
-    return f"phone={recipient.phone or '-'}"
+        return f"email={mask_email(recipient.email) if recipient.email else '-'}"
+    return f"phone={mask_phone(recipient.phone) if recipient.phone else '-'}"
 
 
 def format_action(action: Action) -> str:

@@ -11,30 +11,13 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
+from schemas.actions import mask_email, mask_phone, mask_secret
 from schemas.events import ActionChannel
 from triggers.channels import recipient
 from triggers.state import SENDABLE_CHANNELS, CustomerState, Engagement, Journey
 
 _journey_adapter = TypeAdapter(Journey)
 _engagement_adapter = TypeAdapter(Engagement)
-
-
-def mask_email(email: str) -> str:
-    """`lee@example.com` -> `l**@example.com`: enough to recognise, not to write to."""
-    local, at, domain = email.partition("@")
-    if not at:
-        return mask_secret(email)
-    return f"{local[:1]}{'*' * max(len(local) - 1, 2)}@{domain}"
-
-
-def mask_phone(phone: str) -> str:
-    """`+821012345678` -> `*********5678`: the last four digits, as receipts print."""
-    return "*" * max(len(phone) - 4, 4) + phone[-4:]
-
-
-def mask_secret(value: str) -> str:
-    """A device token or anything else opaque: its first four characters only."""
-    return value[:4] + "…" if len(value) > 4 else "…"
 
 
 def customer_profile(state: CustomerState) -> dict[str, Any]:

@@ -73,10 +73,13 @@ def test_format_action_is_one_readable_line() -> None:
     action = _action(customer_id="c123")
 
     assert format_action(action) == (
-        f"push  -> c123 cart_reminder_1 step 1 (cart_abandonment) {action.action_id}  token=tok-123"
+        f"push  -> c123 cart_reminder_1 step 1 (cart_abandonment) {action.action_id}  token=tok-…"
     )
-    sms = _action(customer_id="c9", channel="sms", recipient=Recipient(phone="+8210"))
-    assert format_action(sms).endswith("phone=+8210")
+    # Contact points are masked: console output lands in terminals and log collectors.
+    sms = _action(customer_id="c9", channel="sms", recipient=Recipient(phone="+821012345678"))
+    assert format_action(sms).endswith("phone=*********5678")
+    email = _action(channel="email", recipient=Recipient(email="kim@example.com"))
+    assert format_action(email).endswith("email=k**@example.com")
 
 
 def test_unknown_channel_is_a_clear_error() -> None:
