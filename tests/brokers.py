@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from omnicue.kafka_broker import JavaNotFound, KafkaBroker, find_java
-from omnicue.services import TansuBroker, free_port
+from omnicue.services import ServiceError, TansuBroker, free_port
 
 BROKERS = ("tansu", "kafka")
 Broker = TansuBroker | KafkaBroker
@@ -54,8 +54,26 @@ def start_broker(kind: str, log_dir: Path) -> Broker:
     if kind == "tansu":
         return TansuBroker(free_port(), log_path=log_dir / "tansu.log").start(timeout=30)
     if kind == "kafka":
-        return KafkaBroker(free_port(), log_path=log_dir / "kafka.log").start()
+        return _start_kafka(log_dir)
     raise ValueError(f"unknown broker {kind!r}; expected one of {BROKERS}")
+
+
+# Ports are picked free, then bound by the JVM a few seconds later: on a busy
+# machine another process can take one in between (seen in a CI run while other
+# test sessions started brokers). Such a start is retried on new ports.
+KAFKA_START_ATTEMPTS = 3
+
+
+def _start_kafka(log_dir: Path) -> KafkaBroker:
+    for attempt in range(1, KAFKA_START_ATTEMPTS + 1):
+        log_path = log_dir / ("kafka.log" if attempt == 1 else f"kafka-{attempt}.log")
+        try:
+            return KafkaBroker(free_port(), log_path=log_path).start()
+        except ServiceError:
+            log = log_path.read_text(encoding="utf-8", errors="replace")
+            if "Address already in use" not in log or attempt == KAFKA_START_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")
 
 
 def broker_kind(broker: Broker) -> str:
