@@ -222,9 +222,10 @@ class Scaling:
 
 def measure_scaling(
     source: Path, workdir: Path, workers: list[int], repeat: int, contacts: bool,
-    rules: Path | None,
+    rules: Path | None, runs: list[Scaling] | None = None,
 ) -> list[Scaling]:
-    """Each N in turn, `repeat` rounds (alternating, so drifting load hits all)."""
+    """Each N in turn, `repeat` rounds (alternating, so drifting load hits all); the
+    best of each N, and every run appended to `runs`."""
     best: dict[int, Scaling] = {}
     outputs: dict[int, bytes] = {}
     for _ in range(repeat):
@@ -248,6 +249,8 @@ def measure_scaling(
                 f"{result.load_after}",
                 file=sys.stderr,
             )
+            if runs is not None:
+                runs.append(result)
             digest = (workdir / f"actions-{n}.jsonl").read_bytes()
             digest += (workdir / f"decisions-{n}.jsonl").read_bytes()
             if n in outputs:
@@ -533,8 +536,9 @@ def scaling_main(args: argparse.Namespace) -> int:
         else:
             source, rows = workdir / "events.csv", args.events
             generate(source, rows, args.seed)
+        runs: list[Scaling] = []
         results = measure_scaling(
-            source, workdir, workers, args.repeat, args.contacts, args.rules
+            source, workdir, workers, args.repeat, args.contacts, args.rules, runs
         )
     base = results[0].per_second
     print(f"source: {args.scale_from or args.file or 'generated'} ({rows:,} rows); "
@@ -563,6 +567,9 @@ def scaling_main(args: argparse.Namespace) -> int:
                 }
                 for r in results
             ],
+            # Every run in order: round by round, N by N (the load drifts between them).
+            "runs": [asdict(r) | {"per_critical_cpu_second": r.per_critical_cpu_second}
+                     for r in runs],
         }, indent=2) + "\n")  # fmt: skip
     return 0
 

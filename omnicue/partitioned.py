@@ -77,6 +77,8 @@ from triggers.replay import InvalidLine, Replayer, ReplayOutput, ReplayStats
 
 # Lines between two progress updates of a worker.
 _PROGRESS_EVERY = 4096
+# Customer keys whose partition a worker remembers (every partition's customers).
+_ROUTE_CACHE_SIZE = 1 << 20
 _MIN = datetime.min.replace(tzinfo=UTC)
 
 
@@ -280,6 +282,9 @@ class _Router:
     def owns(self, key: str) -> bool:
         mine = self.cache.get(key)
         if mine is None:
+            if len(self.cache) >= _ROUTE_CACHE_SIZE:
+                # Other partitions' customers too: bounded, murmur2 again after this.
+                self.cache.clear()
             mine = self.cache[key] = (
                 partition_for(key.encode(), self.spec.count) in self.spec.owned
             )
