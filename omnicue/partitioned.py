@@ -635,7 +635,7 @@ class _Progress:
     def __init__(self, stream: TextIO, total: int, workers: int) -> None:
         self.stream = stream
         self.total = max(total, 1)
-        self.positions = multiprocessing.get_context("fork").Array("q", workers, lock=False)
+        self.positions = _context().Array("q", workers, lock=False)
         self.started = time.monotonic()
         self.tty = stream.isatty()
 
@@ -692,17 +692,14 @@ def run_partitioned(
     bar = _Progress(err, total, len(specs))
     tmp = Path(tempfile.mkdtemp(prefix="omnicue-replay-", dir=out.parent))
     try:
-        context = multiprocessing.get_context("fork")
+        context = _context()
         processes = []
         for index, spec in enumerate(specs):
-
-            def report(position: int, lines: int, index: int = index) -> None:
-                bar.positions[index] = position
-
             process = context.Process(
                 target=_worker,
                 args=(events_path, fmt, spec, groups, tmp, rules_path, until, settings,
-                      decisions_path is not None, synthetic_contacts, segment_channel, report),
+                      decisions_path is not None, synthetic_contacts, segment_channel,
+                      bar.positions, index),
                 name=f"omnicue-replay-{spec.label}",
             )  # fmt: skip
             process.start()
@@ -748,10 +745,22 @@ def _worker(
     write_decisions: bool,
     synthetic_contacts: bool,
     segment_channel: Channel,
-    report: Callable[[int, int], None],
+    positions: Any,
+    index: int,
 ) -> None:
+    def report(position: int, lines: int) -> None:
+        positions[index] = position
+
     replay_partition(
         events_path, fmt, spec, groups, out_dir, rules_path, until, settings,
         write_decisions=write_decisions, synthetic_contacts=synthetic_contacts,
         segment_channel=segment_channel, progress=report,
     )  # fmt: skip
+
+
+def _context() -> Any:
+    """Workers start from a fork server with this module imported: as cheap as a
+    fork, without forking a caller's threads (a test runner's, a CLI's)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["omnicue.partitioned"])
+    return context
