@@ -32,7 +32,10 @@ Each output line of a partition carries its place in the whole log's order
 
 from __future__ import annotations
 
+import csv
 import heapq
+import io
+import itertools
 import multiprocessing
 import os
 import shutil
@@ -278,6 +281,16 @@ class _Router:
         self.groups = groups
         # Key -> owned? Bounded by the customers seen, as their states are.
         self.cache: dict[str, bool] = {}
+        # The same for keys as bytes (REES46 rows are routed before they are decoded).
+        self.bytes_cache: dict[bytes, bool] = {}
+
+    def owns_bytes(self, key: bytes) -> bool:
+        mine = self.bytes_cache.get(key)
+        if mine is None:
+            if len(self.bytes_cache) >= _ROUTE_CACHE_SIZE:
+                self.bytes_cache.clear()
+            mine = self.bytes_cache[key] = partition_for(key, self.spec.count) in self.spec.owned
+        return mine
 
     def owns(self, key: str) -> bool:
         mine = self.cache.get(key)
@@ -333,39 +346,90 @@ def route_dicts(
 def route_rees46(
     reader: Rees46Reader, router: _Router, clock: _Clock, on_line: Callable[[int], None]
 ) -> Iterator[Routed]:
-    """A REES46 CSV's items of the owned partitions: one user id per row, no links."""
-    import csv
-    import io
+    """A REES46 CSV's items of the owned partitions: one user id per row, no links.
 
-    text = io.TextIOWrapper(reader.stream, encoding="utf-8-sig", errors="replace", newline="")
-    try:
-        rows = csv.reader(text)
-        reader.check_header(next(rows, None))
-        # The per-row path of every worker, for every row: inlined.
-        mine = router.cache
-        owns = router.owns
-        row_items = reader.row_items
-        see = clock.see
-        last_time = ""
-        arrival = _MIN
-        count = 0
-        for row in rows:
-            count += 1
-            if count % _PROGRESS_EVERY == 0:
-                reader.rows = count
-                on_line(count)
+    Every worker reads every row, so a row of another partition costs only a split
+    of its bytes: the time (for the clock) and the user id (for the partition). A
+    row of this partition is decoded and read as `csv` reads it; a row with quotes
+    goes through `csv` itself, with the lines after it while a quoted field spans
+    lines. Line numbers are physical lines, as `csv.reader`'s `line_num`: the same
+    event ids as the single-process reader (a file with old-Mac `\r` line ends is
+    read through `csv` as a whole)."""
+    stream = reader.stream
+    first = stream.readline()
+    header = first.decode("utf-8-sig", errors="replace")
+    if b"\r" in first.rstrip(b"\r\n") or (first.endswith(b"\r") and not first.endswith(b"\n")):
+        yield from _route_rees46_csv(reader, router, clock, on_line, header)
+        return
+    reader.check_header(next(csv.reader([header]), None) if header.strip() else None)
+    # The per-row path of every worker, for every row: inlined.
+    mine = router.bytes_cache
+    owns = router.owns_bytes
+    row_items = reader.row_items
+    see = clock.see
+    last_time = b""
+    arrival = _MIN
+    number = 1
+    lines = iter(stream)
+    for line in lines:
+        number += 1
+        if number % _PROGRESS_EVERY == 0:
+            reader.rows = number - 1
+            on_line(number - 1)
+        if b'"' in line:
+            # Quoted fields: csv's reading, over as many lines as the quotes span.
+            text = line.decode("utf-8", errors="replace")
+            while text.count('"') % 2:
+                more = next(lines, None)
+                if more is None:
+                    break
+                number += 1
+                text += more.decode("utf-8", errors="replace")
+            row = next(csv.reader(io.StringIO(text, newline="")), [])
             if not row:
                 continue
-            if row[0] != last_time:
-                last_time = row[0]
-                arrival = see(last_time) or _MIN
-            user = row[7] if len(row) == 9 else ""
-            owned = mine.get(user)
-            if owned is None:
-                owned = owns(user)
-            if owned:
-                yield row_items(row, rows.line_num), arrival, rows.line_num
-        reader.rows = count
+            if row[0].encode() != last_time:
+                last_time = row[0].encode()
+                arrival = see(row[0]) or _MIN
+            user = row[7].encode() if len(row) == 9 else b""
+            if mine.get(user) or (user not in mine and owns(user)):
+                yield row_items(row, number), arrival, number
+            continue
+        parts = line.rstrip(b"\r\n").split(b",")
+        if len(parts) == 1 and not parts[0]:
+            continue  # a blank line
+        if parts[0] != last_time:
+            last_time = parts[0]
+            arrival = see(last_time.decode("utf-8", errors="replace")) or _MIN
+        user = parts[7] if len(parts) == 9 else b""
+        owned = mine.get(user)
+        if owned is None:
+            owned = owns(user)
+        if owned:
+            row = line.decode("utf-8", errors="replace").rstrip("\r\n").split(",")
+            yield row_items(row, number), arrival, number
+    reader.rows = number - 1
+
+
+def _route_rees46_csv(
+    reader: Rees46Reader,
+    router: _Router,
+    clock: _Clock,
+    on_line: Callable[[int], None],
+    header: str,
+) -> Iterator[Routed]:
+    text = io.TextIOWrapper(reader.stream, encoding="utf-8", errors="replace", newline="")
+    try:
+        rows = csv.reader(itertools.chain([header], text))
+        reader.check_header(next(rows, None))
+        arrival = _MIN
+        for row in rows:
+            reader.rows += 1
+            if not row:
+                continue
+            arrival = clock.see(row[0]) or _MIN
+            if router.owns_bytes(row[7].encode() if len(row) == 9 else b""):
+                yield reader.row_items(row, rows.line_num), arrival, rows.line_num
     finally:
         text.detach()
 

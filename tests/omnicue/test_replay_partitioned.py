@@ -162,6 +162,19 @@ def test_rees46_with_synthetic_contacts_is_the_same_for_1_2_and_3_workers(
     run_both(source, tmp_path, Settings(partitions=5), synthetic_contacts=True)
 
 
+def test_rees46_quirks_read_as_the_single_process_reader_reads_them(tmp_path: Path) -> None:
+    """Workers split a row's bytes; csv's reading is the reference: a BOM, CRLF line
+    ends, blank lines, quoted fields (one spanning two lines), a bad byte."""
+    lines = rees46_log(tmp_path / "plain.csv", rows=300).read_bytes().split(b"\n")
+    lines[5] = lines[5].replace(b"electronics.audio", b'"electronics,audio"')
+    lines[9] = lines[9].replace(b"acme", b'"ac\nme"')
+    lines[12] = lines[12].replace(b"acme", b"ac\xffme")
+    lines[20:20] = [b"", b"   "]
+    source = tmp_path / "quirks.csv"
+    source.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(lines))
+    run_both(source, tmp_path, Settings(partitions=4), workers=(1, 2), synthetic_contacts=True)
+
+
 def test_segment_messages_are_the_same_for_1_2_and_3_workers(tmp_path: Path) -> None:
     from omnicue.segment import to_segment
 
