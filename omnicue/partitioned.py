@@ -744,6 +744,11 @@ def run_partitioned(
         raise ValueError("workers must be at least 1")
     err = stderr if stderr is not None else sys.stderr
     load_rules(rules_path)  # bad rules fail here, once, not in every worker
+    if fmt == "rees46":
+        # So does a file that is not REES46 at all.
+        with open_events(events_path) as (stream, _):
+            first = stream.readline().decode("utf-8-sig", errors="replace")
+        Rees46Reader.check_header(next(csv.reader([first]), None) if first.strip() else None)
     started = time.perf_counter()
     groups = identity_prepass(events_path, fmt, segment_channel)
     count = settings.partitions

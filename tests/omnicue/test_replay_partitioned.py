@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from omnicue.cli import app
 from omnicue.partitioned import IdentityGroups, PartitionSpec, run_partitioned
-from omnicue.replay import ReplaySummary, format_for, run_replay
+from omnicue.replay import ReplayInputError, ReplaySummary, format_for, run_replay
 from omnicue.report import run_report
 from omnicue.settings import Settings
 from tests.factories import T0, event_dict
@@ -283,6 +283,16 @@ def test_an_anonymous_id_linked_later_routes_to_its_customers_partition() -> Non
     assert groups.route_key({"customer_id": "c-11"}) == "c-11"
     assert groups.route_key({"anonymous_id": "unknown"}) == "anon:unknown"
     assert partition_for(b"c-10", 8) == partition_for(groups.route_key(anonymous).encode(), 8)
+
+
+def test_a_file_that_is_not_rees46_fails_before_any_worker_starts(tmp_path: Path) -> None:
+    source = tmp_path / "other.csv"
+    source.write_text("a,b,c\n1,2,3\n")
+    with pytest.raises(ReplayInputError, match="not a REES46 CSV"):
+        run_partitioned(
+            source, tmp_path / "a.jsonl", None, None, None, "rees46", False, Settings(),
+            workers=2,
+        )  # fmt: skip
 
 
 def test_partition_spec() -> None:
