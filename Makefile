@@ -4,6 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+# Test processes: end-to-end tests mostly wait (timers, rebalances), so two share
+# the 2-core machines well; `make test TEST_PROCESSES=1` runs them one by one.
+TEST_PROCESSES ?= 2
+
 .PHONY: dev test lint typecheck bench schema clean
 
 $(STAMP): pyproject.toml
@@ -18,7 +22,7 @@ dev: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_PROCESSES) --dist loadscope
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

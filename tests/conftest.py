@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,23 @@ import pytest
 
 from omnicue.services import RedisServer, TansuBroker, free_port
 from omnicue.settings import Settings
+
+# `make test` runs the suite in two processes (pytest-xdist, `--dist loadscope`: a
+# module stays in one process, so its module-scoped broker serves all its tests),
+# since most end-to-end time is spent waiting for timers and rebalances.
+
+
+@pytest.fixture(scope="module")
+def dev_stack_lock() -> Iterator[None]:
+    """One `omnicue dev` at a time across test processes: it binds fixed ports (9092,
+    8088, ...). Modules that run it use this fixture."""
+    path = Path(tempfile.gettempdir()) / "omnicue-tests-dev-stack.lock"
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session")

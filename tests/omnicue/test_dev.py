@@ -26,6 +26,9 @@ from omnicue.kafka_broker import JAVA_MISSING, KAFKA_VERSION
 from tests.brokers import skip_without_java
 
 REPO = Path(__file__).resolve().parents[2]
+
+# `omnicue dev` binds fixed ports: one dev-stack module at a time (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("dev_stack_lock")
 # Kafka adds its JVM start (about 5 s here) to the stack's; the group joins are as quick.
 READY_TIMEOUT = 120.0
 FIRST_ACTION_TIMEOUT = 90.0

@@ -29,6 +29,9 @@ from tests.omnicue.test_dev import (
 )
 from tests.senders.provider import SECRET, RecordingProvider
 
+# `omnicue dev` binds fixed ports: one dev-stack module at a time (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("dev_stack_lock")
+
 
 @contextmanager
 def _dev(cwd: Path, *args: str, **env: str) -> Iterator[tuple[subprocess.Popen[str], Output]]:
