@@ -16,14 +16,22 @@ flushed before every commit).
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 from aiokafka.structs import RecordMetadata
 from faust.types import TopicT
 from mode import Service
 
 from omnicue.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Seconds between attempts to send a batch's records while the broker refuses them.
+FLUSH_RETRY_FIRST = 0.5
+FLUSH_RETRY_MAX = 30.0
 
 Headers = list[tuple[str, bytes]]
 _Record = tuple[str, bytes | None, bytes | None, int | None, Headers | None]
@@ -95,8 +103,25 @@ class Outbox:
         self._records.append((topic.get_topic_name(), key, value, partition, headers))
 
     async def flush(self) -> list[RecordMetadata]:
-        """Send what was added; where each record landed (the timer task waits on it)."""
+        """Send what was added; where each record landed (the timer task waits on it).
+
+        Never gives up. faust's take_events acks a batch whatever its body did, so a
+        flush that raised would let the next commit pass inputs whose outputs never
+        reached the broker. Waiting stalls the stage instead (consumer lag shows it),
+        and resending after a failure duplicates at most what had already landed,
+        which every consumer of these topics deduplicates (event ids, action ids).
+        """
         records, self._records = self._records, []
         if not records:
             return []
-        return await self._sender.send_all(records)
+        delay = FLUSH_RETRY_FIRST
+        while True:
+            try:
+                return await self._sender.send_all(records)
+            except KafkaError as exc:
+                log.error(
+                    "could not send %d records (%r); sending them again in %.1f s",
+                    len(records), exc, delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, FLUSH_RETRY_MAX)
