@@ -534,6 +534,33 @@ def _alert_unit_tests() -> list[dict[str, Any]]:
                 },
             ],
         },
+        {
+            # Email fails 2 of every 12 actions for good (17%); push 1 of 101 (1%, under
+            # the 5% threshold): only email alerts, once the ratio has held for 15m.
+            "interval": "1m",
+            "input_series": [
+                {"series": 'omnicue_sender_actions_total{channel="email", outcome="sent"}',
+                 "values": "0+10x45"},
+                {"series": 'omnicue_sender_actions_total{channel="email", outcome="failed"}',
+                 "values": "0+2x45"},
+                {"series": 'omnicue_sender_failed_total{channel="email", reason="http_400"}',
+                 "values": "0+2x45"},
+                {"series": 'omnicue_sender_actions_total{channel="push", outcome="sent"}',
+                 "values": "0+100x45"},
+                {"series": 'omnicue_sender_actions_total{channel="push", outcome="failed"}',
+                 "values": "0+1x45"},
+                {"series": 'omnicue_sender_failed_total{channel="push", reason="http_500"}',
+                 "values": "0+1x45"},
+            ],  # fmt: skip
+            "alert_rule_test": [
+                {"alertname": "OmnicueSenderFailureRatio", "eval_time": "10m", "exp_alerts": []},
+                {
+                    "alertname": "OmnicueSenderFailureRatio",
+                    "eval_time": "40m",
+                    "exp_alerts": [{"exp_labels": {"severity": "warning", "channel": "email"}}],
+                },
+            ],
+        },
     ]
 
 
