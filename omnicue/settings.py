@@ -185,6 +185,7 @@ class Settings(BaseSettings):
                 servers.append(part)
         return servers
 
+
 def parse_write_keys(value: str) -> dict[str, Channel]:
     """`wk-web=web,wk-app=app` as {"wk-web": "web", "wk-app": "app"}; ValueError names
     the pair that is wrong."""
