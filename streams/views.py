@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from faust.web import Request, Response, View
@@ -27,10 +28,22 @@ def register_views(p: Pipeline) -> None:
 
     p.app.page("/health")(health)
 
-    class CustomerDecisions(View):
-        """Journeys and recent decisions of one customer, answered by the worker that
-        owns the customer (faust forwards the request there)."""
+    register_customer_view(
+        p,
+        "/customers/{customer_id}/decisions",
+        "CustomerDecisions",
+        lambda state: explanation(state, p.rules, p.clock()),
+    )
+    register_customer_view(p, "/customers/{customer_id}", "CustomerProfile", customer_profile)
 
+
+def register_customer_view(
+    p: Pipeline, path: str, name: str, body: Callable[[CustomerState], dict[str, Any]]
+) -> None:
+    """GET `path`: `body` of one customer's state, answered by the worker that owns the
+    customer (faust forwards the request there), 404 where there is none."""
+
+    class CustomerView(View):
         # faust types table_route for plain view functions; methods work the same.
         @p.app.table_route(table=p.customers, match_info="customer_id")  # type: ignore[arg-type]
         async def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
@@ -38,21 +51,7 @@ def register_views(p: Pipeline) -> None:
             raw = p.customers.get(customer_id.encode())
             if raw is None:
                 return self.json({"error": f"no state for customer {customer_id!r}"}, status=404)
-            state = CustomerState.model_validate_json(raw)
-            return self.json(explanation(state, p.rules, p.clock()))
+            return self.json(body(CustomerState.model_validate_json(raw)))
 
-    p.app.page("/customers/{customer_id}/decisions")(CustomerDecisions)
-
-    class CustomerProfile(View):
-        """Everything known about one customer, contact points masked; answered by the
-        worker that owns the customer."""
-
-        @p.app.table_route(table=p.customers, match_info="customer_id")  # type: ignore[arg-type]
-        async def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
-            customer_id: str = request.match_info["customer_id"]
-            raw = p.customers.get(customer_id.encode())
-            if raw is None:
-                return self.json({"error": f"no state for customer {customer_id!r}"}, status=404)
-            return self.json(customer_profile(CustomerState.model_validate_json(raw)))
-
-    p.app.page("/customers/{customer_id}")(CustomerProfile)
+    CustomerView.__name__ = CustomerView.__qualname__ = name
+    p.app.page(path)(CustomerView)
