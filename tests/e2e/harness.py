@@ -123,6 +123,17 @@ def scrape(port: int) -> dict[str, float]:
     return samples
 
 
+def pending_timers(ports: list[int]) -> float:
+    """Timers pending over these workers (a worker not answering counts none)."""
+    total = 0.0
+    for port in ports:
+        try:
+            total += scrape(port).get("omnicue_timers_pending", 0)
+        except OSError:
+            pass
+    return total
+
+
 def wait_for_metric(port: int, name: str, at_least: float, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while True:

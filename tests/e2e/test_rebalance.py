@@ -16,22 +16,18 @@ from omnicue.settings import Settings
 from schemas import topics
 from streams.topics import partition_for
 from tests.e2e.conftest import write_rules
-from tests.e2e.harness import TopicReader, scrape, start_worker, wait_for_metric
+from tests.e2e.harness import (
+    TopicReader,
+    pending_timers,
+    scrape,
+    start_worker,
+    wait_for_metric,
+)
 from tests.factories import event_dict
 
 pytestmark = pytest.mark.e2e
 
 CUSTOMERS = [f"c-rebalance-{n}" for n in range(8)]
-
-
-def pending_timers(ports: list[int]) -> float:
-    total = 0.0
-    for port in ports:
-        try:
-            total += scrape(port).get("omnicue_timers_pending", 0)
-        except OSError:
-            pass
-    return total
 
 
 def test_timers_fire_once_across_a_worker_joining_and_one_leaving(

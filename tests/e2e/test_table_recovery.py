@@ -25,7 +25,7 @@ from omnicue.producer import EventProducer
 from omnicue.services import free_port
 from omnicue.settings import Settings
 from streams.topics import partition_for
-from tests.e2e.harness import scrape, start_worker
+from tests.e2e.harness import pending_timers, start_worker
 from tests.factories import event_dict
 
 pytestmark = pytest.mark.e2e
@@ -98,13 +98,6 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
         time.sleep(0.3)
 
 
-def timers_pending(port: int) -> float:
-    try:
-        return scrape(port).get("omnicue_timers_pending", 0)
-    except OSError:
-        return 0
-
-
 def test_table_recovery_is_exact_after_sigkill_and_across_a_rebalance(
     make_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
@@ -152,9 +145,9 @@ def test_table_recovery_is_exact_after_sigkill_and_across_a_rebalance(
         # A second worker with an empty data dir joins: it restores its share of the
         # partitions from the changelog alone.
         worker_2 = start_worker(second, tmp_path / "worker-2.log")
-        wait_until(lambda: timers_pending(second.web_port) > 0, 60, "worker 2 owns partitions")
+        wait_until(lambda: pending_timers([second.web_port]) > 0, 60, "worker 2 owns partitions")
         wait_until(
-            lambda: timers_pending(first.web_port) + timers_pending(second.web_port)
+            lambda: pending_timers([first.web_port, second.web_port])
             == len(CUSTOMERS),
             60,
             "the partitions are split",
@@ -166,7 +159,7 @@ def test_table_recovery_is_exact_after_sigkill_and_across_a_rebalance(
         worker_1.stop()
         assert worker_1.returncode == 0, worker_1.log_tail()
         wait_until(
-            lambda: timers_pending(second.web_port) == len(CUSTOMERS), 60, "worker 2 owns all"
+            lambda: pending_timers([second.web_port]) == len(CUSTOMERS), 60, "worker 2 owns all"
         )
         assert profiles(second.web_port) == before, "the table differs after worker 1 left"
     finally:
