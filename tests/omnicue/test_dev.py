@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -171,17 +172,18 @@ def _post_to_ingest(url: str) -> None:
         assert json.loads(response.read()) == {"success": True, "accepted": 1, "rejected": 0}
 
 
-@pytest.fixture
-def dev_process(
-    tmp_path: Path, dev_args: list[str], broker: str
+@contextmanager
+def running_dev(
+    cwd: Path, *args: str, **env: str
 ) -> Iterator[tuple[subprocess.Popen[str], Output]]:
-    skip_without_java(broker)
+    """`omnicue dev ARGS` in `cwd`, with `env` over the defaults; whatever the test did,
+    nothing of it is left running afterwards."""
     if _port_taken(9092):
         pytest.skip("port 9092 is in use; `omnicue dev` needs it for its broker")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "omnicue.cli", "dev", "--broker", broker, *dev_args],
-        cwd=tmp_path,
-        env=_env(),
+        [sys.executable, "-m", "omnicue.cli", "dev", *args],
+        cwd=cwd,
+        env={**_env(), **env},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -202,6 +204,15 @@ def dev_process(
         for pid in (int(p) for p in re.findall(r"\(pid (\d+)", "\n".join(output.lines))):
             if not _gone(pid):
                 os.killpg(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def dev_process(
+    tmp_path: Path, dev_args: list[str], broker: str
+) -> Iterator[tuple[subprocess.Popen[str], Output]]:
+    skip_without_java(broker)
+    with running_dev(tmp_path, "--broker", broker, *dev_args) as running:
+        yield running
 
 
 @pytest.mark.e2e

@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import email
 import email.policy
-import os
 import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,8 +21,7 @@ from tests.omnicue.test_dev import (
     STOP_TIMEOUT,
     Output,
     _env,
-    _gone,
-    _port_taken,
+    running_dev,
 )
 from tests.senders.provider import SECRET, RecordingProvider
 
@@ -33,29 +29,6 @@ from tests.senders.provider import SECRET, RecordingProvider
 pytestmark = pytest.mark.usefixtures("dev_stack_lock")
 
 
-@contextmanager
-def _dev(cwd: Path, *args: str, **env: str) -> Iterator[tuple[subprocess.Popen[str], Output]]:
-    if _port_taken(9092):
-        pytest.skip("port 9092 is in use; `omnicue dev` needs it for its broker")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "omnicue.cli", "dev", *args],
-        cwd=cwd, env={**_env(), **env}, stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    out = Output(proc)
-    try:
-        yield proc, out
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for pid in (int(p) for p in re.findall(r"\(pid (\d+)", "\n".join(out.lines))):
-            if not _gone(pid):
-                os.killpg(pid, signal.SIGKILL)
 
 
 def _stop(proc: subprocess.Popen[str], out: Output) -> None:
@@ -68,7 +41,7 @@ def _stop(proc: subprocess.Popen[str], out: Output) -> None:
 @pytest.mark.e2e
 @pytest.mark.timeout(300)
 def test_dev_catches_its_emails_as_eml_files_beside_the_logs(tmp_path: Path) -> None:
-    with _dev(tmp_path) as (proc, out):
+    with running_dev(tmp_path) as (proc, out):
         ready = out.wait_for(READY_LINE, READY_TIMEOUT)
         line = ready.group(0)
         logs = Path(ready.group(5))
@@ -100,7 +73,7 @@ def test_dev_transport_webhook_switches_every_sender(tmp_path: Path) -> None:
     with RecordingProvider() as provider:
         url = provider.url  # http://127.0.0.1:PORT/hooks/{channel}
         args = ("--transport", "webhook", "--webhook-url", url)
-        with _dev(tmp_path, *args, OMNICUE_WEBHOOK_SECRET=SECRET) as (proc, out):
+        with running_dev(tmp_path, *args, OMNICUE_WEBHOOK_SECRET=SECRET) as (proc, out):
             line = out.wait_for(READY_LINE, READY_TIMEOUT).group(0)
             assert f"senders webhook {url}" in line
             deadline = time.monotonic() + FIRST_ACTION_TIMEOUT
