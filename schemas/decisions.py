@@ -19,6 +19,19 @@ Outcome = Literal["fired", "suppressed", "cancelled", "deferred", "held_out", "i
 IDENTITY_RULE = "identity"
 
 
+class ChannelEngagement(BaseModel):
+    """How `channel: best` saw a channel when it chose: of the customer's remembered
+    messages there that reached them, how many were engaged (opened or clicked), and
+    the rate it ranked by (recent messages weigh more: a half-life of their age)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    channel: ActionChannel
+    engaged: int
+    messages: int
+    rate: float
+
+
 class Decision(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -38,3 +51,6 @@ class Decision(BaseModel):
     # Identity decisions: the other profile (the one merged in, or the customer that
     # holds a conflicting email or phone).
     profile: str | None = None
+    # A `fired` step with `channel: best`: the candidate channels as it ranked them,
+    # best first (those without feedback keep the rule's order, after the others).
+    engagement: list[ChannelEngagement] | None = None

@@ -139,6 +139,11 @@ class CustomProperties(Properties):
 
 
 class MessageFeedbackProperties(Properties):
+    """What became of an action Omnicue emitted: `message.sent` (the provider accepted
+    it), `.delivered`, `.opened`, `.clicked`, `.bounced` (a hard bounce: the address is
+    unreachable), `.complained` (a spam report), `.unsubscribed`, `.failed` (anything
+    else that stopped it, a soft bounce included)."""
+
     action_id: NonEmpty
     reason: str | None = None
 
@@ -240,6 +245,7 @@ FeedbackType = Literal[
     "message.opened",
     "message.clicked",
     "message.bounced",
+    "message.complained",
     "message.unsubscribed",
     "message.failed",
 ]

@@ -6,23 +6,32 @@ from typing import Literal
 
 from schemas.actions import Recipient
 from schemas.events import ActionChannel, Category
-from triggers.state import CustomerState
+from triggers.state import CustomerState, address_fingerprint
 
 ConsentPolicy = Literal["opt_in", "opt_out"]
 
 
 def recipient(state: CustomerState, channel: ActionChannel) -> Recipient | None:
-    """The contact point for a channel, or None when the customer is unreachable there."""
+    """The contact point for a channel, or None when the customer is unreachable there
+    (no address, or the address a hard bounce marked, `CustomerState.bounced`)."""
+    bounced = state.bounced.get(channel) if state.bounced else None
     if channel == "push":
         if not state.push_tokens:
             return None
         # The most recently registered device: dicts keep insertion order.
-        return Recipient(push_token=next(reversed(state.push_tokens)))
+        token = next(reversed(state.push_tokens))
+        if bounced is not None and address_fingerprint(token) == bounced:
+            return None
+        return Recipient(push_token=token)
     if channel == "email":
         if state.email is None or state.email_bounced:
             return None
+        if bounced is not None and address_fingerprint(state.email) == bounced:
+            return None
         return Recipient(email=state.email)
     if state.phone is None:
+        return None
+    if bounced is not None and address_fingerprint(state.phone) == bounced:
         return None
     return Recipient(phone=state.phone)
 

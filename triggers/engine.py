@@ -19,8 +19,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from schemas.actions import Action, Recipient, make_action_id
-from schemas.decisions import Decision
-from schemas.events import ActionChannel, Event, event_adapter
+from schemas.decisions import ChannelEngagement, Decision
+from schemas.events import ActionChannel, Event, MessageFeedback, event_adapter
 from triggers.channels import ConsentPolicy, candidates, recipient
 from triggers.guards import cap_free_at, in_holdout, pick_variant, quiet_until
 from triggers.ruleset import CompiledCancel, CompiledRule, RuleSet
@@ -30,6 +30,9 @@ from triggers.state import (
     Journey,
     SentRecord,
     apply_event,
+    check_feedback,
+    engagement_rates,
+    record_message,
     remember_event,
     split_slot,
 )
@@ -46,6 +49,9 @@ _ACTION_CHANNELS: tuple[ActionChannel, ...] = ("push", "email", "sms", "kakao")
 class EnginePolicy:
     consent_policy: ConsentPolicy = "opt_in"
     default_timezone: str = "Asia/Seoul"
+    # `channel: best`: a message's weight in its channel's engagement rate halves with
+    # every half-life of its age (`triggers.state.engagement_rates`).
+    engagement_half_life: timedelta = timedelta(days=30)
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,10 @@ def evolve(
     is behind passes an earlier horizon: a step may be evaluated only once every
     input that occurred before its due time has been applied (see `streams.progress`).
     """
+    if type(item) is MessageFeedback:
+        # Before anything changes: an unknown action raises `UnknownAction` (which the
+        # stream shell dead-letters) and leaves the state as it was.
+        check_feedback(state, item)
     out = Output()
     journeys_before = len(state.journeys) if state.rule_versions else 0
     if rules.removed and state.journeys:
@@ -549,10 +559,12 @@ def _evaluate_step_safely(
     journey = state.journeys[slot]
     before = copy.copy(journey)
     sent, actions, decisions = len(state.sent_log), len(out.actions), len(out.decisions)
+    messages = dict(state.messages)
     try:
         _evaluate_step(state, slot, now, rules, policy, out)
     except Exception as exc:  # noqa: BLE001 - isolating one step is the point
         del state.sent_log[sent:], out.actions[actions:], out.effective_due[actions:]
+        state.messages = messages
         del out.decisions[decisions:]
         before.failures += 1
         before.due_at = now + min(STEP_RETRY_FIRST * 2 ** (before.failures - 1), STEP_RETRY_MAX)
@@ -619,8 +631,9 @@ def _evaluate_step(
     options = candidates(state, step.channels, rule.category, policy.consent_policy)
     if isinstance(options, str):
         return suppress(options)
+    ranking: list[ChannelEngagement] | None = None
     if step.channel == "best":
-        options = _by_engagement(state, options)
+        options, ranking = _by_engagement(state, options, policy.engagement_half_life)
     if marketing:
         free_times = []
         allowed = []
@@ -639,7 +652,7 @@ def _evaluate_step(
             return suppress("frequency_cap")
         options = allowed
     channel, to = options[0]
-    _fire(state, journey, compiled, channel, to, now, out)
+    _fire(state, journey, compiled, channel, to, now, out, ranking)
     _advance(state, slot, journey, compiled)
 
 
@@ -652,14 +665,27 @@ def _holdout_group(rules: RuleSet, rule: CompiledRule, customer_id: str) -> str 
 
 
 def _by_engagement(
-    state: CustomerState, options: list[tuple[ActionChannel, Recipient]]
-) -> list[tuple[ActionChannel, Recipient]]:
-    # Stable sort: channels without feedback keep the rule's listed order.
-    def rate(option: tuple[ActionChannel, Recipient]) -> float:
-        engagement = state.engagement.get(option[0])
-        return -engagement.rate if engagement is not None else 0.0
+    state: CustomerState, options: list[tuple[ActionChannel, Recipient]], half_life: timedelta
+) -> tuple[list[tuple[ActionChannel, Recipient]], list[ChannelEngagement]]:
+    """The options by time-weighted engagement rate, and the ranking as the decision
+    records it. Stable: channels without feedback keep the rule's listed order."""
+    rates = engagement_rates(state, half_life)
 
-    return sorted(options, key=rate)
+    def rate(option: tuple[ActionChannel, Recipient]) -> float:
+        found = rates.get(option[0])
+        return -found.rate if found is not None else 0.0
+
+    ranked = sorted(options, key=rate)
+    ranking = []
+    for channel, _ in ranked:
+        found = rates.get(channel)
+        ranking.append(ChannelEngagement(
+            channel=channel,
+            engaged=found.engaged if found else 0,
+            messages=found.messages if found else 0,
+            rate=round(found.rate, 4) if found else 0.0,
+        ))  # fmt: skip
+    return ranked, ranking
 
 
 def _fire(
@@ -670,6 +696,7 @@ def _fire(
     to: Recipient,
     now: datetime,
     out: Output,
+    ranking: list[ChannelEngagement] | None = None,
 ) -> None:
     rule = compiled.rule
     step = rule.steps[journey.next_step - 1]
@@ -709,8 +736,11 @@ def _fire(
     )
     out.effective_due.append(journey.due_at)
     out.decisions.append(
-        _decision(state, journey, now, outcome="fired", channel=channel, action_id=action_id)
+        _decision(state, journey, now, outcome="fired", channel=channel, action_id=action_id,
+                  engagement=ranking)
     )
+    # Feedback events are checked against these (`UnknownAction`), transactional too.
+    record_message(state, action_id, channel, now, to.email or to.phone or to.push_token)
     if rule.category == "marketing":
         state.sent_log.append(SentRecord(at=now, channel=channel, rule_id=rule.id))
 

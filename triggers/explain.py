@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
-from schemas.decisions import Decision
+from schemas.decisions import ChannelEngagement, Decision
 from schemas.rules import format_duration
 from triggers.ruleset import RuleSet
 from triggers.state import CustomerState, Journey, split_slot
@@ -45,7 +45,11 @@ def describe(decision: Decision) -> str:
     reason = REASONS.get(decision.reason or "", decision.reason or "")
     match decision.outcome:
         case "fired":
-            return f"{when}  {what}: sent on {decision.channel} as {decision.action_id}"
+            sent = f"{when}  {what}: sent on {decision.channel} as {decision.action_id}"
+            if decision.engagement:
+                ranking = describe_ranking(decision.engagement)
+                sent += f", the best channel by engagement ({ranking})"
+            return sent
         case "suppressed":
             return f"{when}  {what}: not sent, {reason}"
         case "deferred":
@@ -60,6 +64,25 @@ def describe(decision: Decision) -> str:
         case "identity":
             return f"{when}  {describe_identity(decision)}"
     return f"{when}  {what}: {decision.outcome}"
+
+
+def describe_ranking(ranking: list[ChannelEngagement]) -> str:
+    """How `channel: best` saw its candidates, best first: "email: 3 of 4 recent
+    messages engaged; push: 0 of 5". A rate that the half-life weighting moved away
+    from the plain share is given too, and so are channels without feedback."""
+    parts = []
+    named = False
+    for seen in ranking:
+        if seen.messages == 0:
+            parts.append(f"{seen.channel}: no feedback yet")
+            continue
+        noun = "" if named else " recent messages engaged"
+        named = True
+        text = f"{seen.channel}: {seen.engaged} of {seen.messages}{noun}"
+        if abs(seen.rate - seen.engaged / seen.messages) >= 0.005:
+            text += f" ({seen.rate:.0%} weighted to recent ones)"
+        parts.append(text)
+    return "; ".join(parts)
 
 
 def describe_identity(decision: Decision) -> str:

@@ -47,7 +47,7 @@ from triggers.identity import (
 )
 from triggers.ruleset import RuleSet
 from triggers.schedule import TimerSchedule
-from triggers.state import RECENT_DECISIONS, CustomerState
+from triggers.state import RECENT_DECISIONS, CustomerState, UnknownAction
 
 # The replay has a single "partition": TimerSchedule wants one per key.
 _PARTITION = 0
@@ -104,6 +104,10 @@ class ReplayStats:
     duplicates: int = 0
     # Events whose `occurred_at` was behind the clock when they arrived.
     late: int = 0
+    # Feedback events for actions this replay did not emit for that customer (e.g. a
+    # production log's feedback under other rules): skipped, as the live worker
+    # dead-letters them (`unknown_action`).
+    unknown_actions: int = 0
     timers_fired: int = 0
     journeys_started: int = 0
     first_event_at: datetime | None = None
@@ -327,7 +331,12 @@ class Replayer:
                 found = self.states[key] = new_state(key)
                 stats.customers += 1
             state = found
-        out = evolve(state, event, now, self.rules, self.policy, horizon)
+        try:
+            out = evolve(state, event, now, self.rules, self.policy, horizon)
+        except UnknownAction:
+            # Raised before the engine changed anything: the event is skipped.
+            stats.unknown_actions += 1
+            out = Output(applied=True)
         if identity_decisions:
             out.decisions[:0] = identity_decisions
             # A merge's decision is in the merged state already (`absorb`); the others

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -32,6 +33,10 @@ SENDABLE_CHANNELS = frozenset({"push", "email", "sms", "kakao"})
 # A cart untouched this long is gone: store platforms expire carts too (Magento's
 # default quote lifetime is 30 days).
 CART_RETENTION = timedelta(days=30)
+# Messages remembered per channel (`CustomerState.messages`): feedback for an older one
+# is `UnknownAction`, and engagement counts these. 32 a channel is months of messages
+# under the packaged caps (at most 1 a channel a day), and at most 4 x 32 records.
+RECENT_MESSAGES = 32
 
 # The state's nested parts are plain dataclasses, not pydantic models: the engine
 # changes them on nearly every event, and a model's validated attribute assignment
@@ -85,13 +90,39 @@ class SentRecord:
 
 @dataclass(slots=True, kw_only=True)
 class Engagement:
+    """Lifetime counts per channel: messages sent, and of those, engaged (opened or
+    clicked, once a message). `channel: best` ranks by `engagement_rates` instead,
+    which weighs recent messages more; these are what is left of messages no longer
+    remembered, and what states written before `messages` existed have."""
+
     __pydantic_config__: ClassVar[ConfigDict] = _NESTED
     sent: int = 0
     engaged: int = 0
 
     @property
     def rate(self) -> float:
-        return self.engaged / self.sent if self.sent else 0.0
+        # Capped: states written before engagement counted once could count both the
+        # open and the click of one message.
+        return min(1.0, self.engaged / self.sent) if self.sent else 0.0
+
+
+@dataclass(slots=True, kw_only=True)
+class MessageRecord:
+    """An action the engine emitted, and what its feedback said so far."""
+
+    __pydantic_config__: ClassVar[ConfigDict] = _NESTED
+    channel: str
+    # When the engine emitted it (the decision's `now`): engagement weighs by it.
+    at: datetime
+    # A fingerprint of the contact point it went to (`address_fingerprint`), so a
+    # bounce makes that address unreachable, not one the customer gave since.
+    to: str | None = None
+    # The provider accepted it (`message.sent`, or implied by a delivery or engagement).
+    sent: bool = False
+    # Opened or clicked: counted once, whichever came first.
+    engaged: bool = False
+    # Failed or bounced after all: no chance to engage, so not counted.
+    undelivered: bool = False
 
 
 @dataclass(slots=True, kw_only=True)
@@ -154,6 +185,13 @@ class CustomerState(BaseModel):
     occurrences: dict[str, list[datetime]] = Field(default_factory=dict)
     sent_log: list[SentRecord] = Field(default_factory=list)
     engagement: dict[str, Engagement] = Field(default_factory=dict)
+    # action id -> the message, oldest first, `RECENT_MESSAGES` per channel: what
+    # feedback events are checked against (`UnknownAction`) and engagement counts.
+    messages: dict[str, MessageRecord] = Field(default_factory=dict)
+    # channel -> the fingerprint of the address a hard bounce made unreachable there
+    # (email: see also `email_bounced`). A new address has another fingerprint, so it is
+    # reachable again without any reset.
+    bounced: dict[str, str] = Field(default_factory=dict)
     recent_event_ids: list[str] = Field(default_factory=list)
     recent_decisions: list[Decision] = Field(default_factory=list)
     # Profiles merged into this one (`triggers.identity`), so a merge applied again
@@ -268,20 +306,183 @@ def _order_completed(state: CustomerState, event: OrderCompleted) -> None:
 
 
 ENGAGED = frozenset({"message.opened", "message.clicked"})
+# Feedback that shows the provider accepted the message, whether or not `message.sent`
+# arrived first (a provider's callback can overtake the sender's own event).
+_SHOWS_SENT = frozenset({"message.sent", "message.delivered", *ENGAGED})
+_UNDELIVERED = frozenset({"message.failed", "message.bounced"})
+_REVOKES = frozenset({"message.unsubscribed", "message.complained"})
+
+
+class UnknownAction(ValueError):  # noqa: N818 - the dead-letter reason is its name
+    """A feedback event for an action this customer's state has no record of: one
+    Omnicue never emitted for them, or one older than the `RECENT_MESSAGES` of its
+    channel that the state remembers. The stream shell dead-letters the event."""
+
+
+def address_fingerprint(address: str) -> str:
+    """A short digest of a contact point: enough to tell addresses apart, not to read."""
+    return hashlib.sha256(address.encode()).hexdigest()[:16]
+
+
+def current_fingerprint(state: CustomerState, channel: str) -> str | None:
+    """The fingerprint of the address the channel would send to now."""
+    if channel == "email":
+        address = state.email
+    elif channel == "push":
+        address = next(reversed(state.push_tokens)) if state.push_tokens else None
+    else:
+        address = state.phone
+    return None if address is None else address_fingerprint(address)
+
+
+def record_message(
+    state: CustomerState, action_id: str, channel: str, at: datetime, address: str | None
+) -> None:
+    """Remember an emitted action, forgetting the channel's oldest past `RECENT_MESSAGES`
+    (their lifetime counts stay in `engagement`)."""
+    messages = state.messages
+    if action_id in messages:
+        return  # the same step fired again (a state rebuilt by replay): one message
+    to = None if address is None else address_fingerprint(address)
+    messages[action_id] = MessageRecord(channel=channel, at=at, to=to)
+    if len(messages) > RECENT_MESSAGES:
+        same = [aid for aid, m in messages.items() if m.channel == channel]
+        for old in same[: max(0, len(same) - RECENT_MESSAGES)]:
+            del messages[old]
+
+
+def check_feedback(state: CustomerState, event: MessageFeedback) -> None:
+    """Raise `UnknownAction` unless the state knows the event's action (a redelivered
+    event passes: the engine ignores it anyway)."""
+    action_id = event.properties.action_id
+    if action_id in state.messages or event.event_id in state.recent_event_ids:
+        return
+    # States written before `messages` existed: their recent fired decisions say which
+    # actions were emitted (the newest `RECENT_DECISIONS`).
+    for decision in reversed(state.recent_decisions):
+        if decision.action_id == action_id and decision.channel is not None:
+            state.messages[action_id] = MessageRecord(
+                channel=decision.channel, at=decision.decided_at
+            )
+            return
+    raise UnknownAction(
+        f"{event.type} for action {action_id}: no such action emitted for customer "
+        f"{state.customer_id} (or older than the last {RECENT_MESSAGES} on a channel)"
+    )
 
 
 def _apply_feedback(state: CustomerState, event: MessageFeedback) -> None:
     assert event.type in FEEDBACK_TYPES
-    if event.channel in SENDABLE_CHANNELS:
-        if event.type == "message.sent":
-            state.engagement.setdefault(event.channel, Engagement()).sent += 1
-        elif event.type in ENGAGED:
-            state.engagement.setdefault(event.channel, Engagement()).engaged += 1
-    if event.type == "message.bounced" and event.channel == "email":
+    message = state.messages.get(event.properties.action_id)
+    if message is None:
+        # `evolve` checks first (`check_feedback`); only a direct `apply_event` gets here.
+        return
+    # The channel the action went out on, whatever the callback's envelope says.
+    channel = message.channel
+    kind = event.type
+    if kind in _SHOWS_SENT and not message.sent:
+        message.sent = True
+        state.engagement.setdefault(channel, Engagement()).sent += 1
+    if kind in ENGAGED and not message.engaged:
+        message.engaged = True
+        state.engagement.setdefault(channel, Engagement()).engaged += 1
+    elif kind in _UNDELIVERED:
+        message.undelivered = True
+        if kind == "message.bounced":
+            _bounce(state, channel, message)
+    elif kind in _REVOKES and channel in SENDABLE_CHANNELS:
+        slot = f"{channel}:marketing"
+        decided = state.consented_at.get(slot)
+        # A consent given after the unsubscribe (or complaint) happened stands.
+        if decided is None or decided <= event.occurred_at:
+            state.consents[slot] = False
+            state.consented_at[slot] = event.occurred_at
+
+
+def _bounce(state: CustomerState, channel: str, message: MessageRecord) -> None:
+    """A hard bounce: the address the message went to is unreachable on its channel.
+    Only that address: one the customer gave since stays reachable."""
+    current = current_fingerprint(state, channel)
+    if message.to is not None and message.to != current:
+        return  # an old address bounced: it is not the one we would send to
+    if current is None:
+        return
+    state.bounced[channel] = current
+    if channel == "email":
         state.email_bounced = True
-    elif event.type == "message.unsubscribed" and event.channel in SENDABLE_CHANNELS:
-        state.consents[f"{event.channel}:marketing"] = False
-        state.consented_at[f"{event.channel}:marketing"] = event.occurred_at
+
+
+def merge_messages(
+    a: dict[str, MessageRecord], b: dict[str, MessageRecord]
+) -> dict[str, MessageRecord]:
+    """Both profiles' messages (for `triggers.identity.merge_profiles`): the union in
+    time order, a record in both once (the one with more feedback), `RECENT_MESSAGES`
+    per channel."""
+    merged: dict[str, MessageRecord] = {}
+    for action_id, message in sorted([*a.items(), *b.items()], key=lambda item: item[1].at):
+        mine = merged.get(action_id)
+        if mine is None:
+            merged[action_id] = MessageRecord(
+                channel=message.channel, at=message.at, to=message.to, sent=message.sent,
+                engaged=message.engaged, undelivered=message.undelivered,
+            )  # fmt: skip
+        else:
+            mine.sent |= message.sent
+            mine.engaged |= message.engaged
+            mine.undelivered |= message.undelivered
+    kept: dict[str, int] = {}
+    for action_id in reversed(list(merged)):
+        channel = merged[action_id].channel
+        kept[channel] = kept.get(channel, 0) + 1
+        if kept[channel] > RECENT_MESSAGES:
+            del merged[action_id]
+    return merged
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelRate:
+    """A channel's engagement as `channel: best` ranks it."""
+
+    engaged: int
+    messages: int
+    # Engaged messages over sent ones, each weighted by 1/2 per half-life of its age
+    # (relative to the customer's newest message): recent behaviour counts most.
+    rate: float
+
+
+def engagement_rates(state: CustomerState, half_life: timedelta) -> dict[str, ChannelRate]:
+    """Per channel with feedback: how many of the remembered messages that reached the
+    customer were engaged, and the time-weighted rate.
+
+    Pure in event times: a message weighs 2^(-(newest - at) / half_life), with `at`
+    its emission time and `newest` the newest remembered message's, never the clock.
+    A channel whose messages are all forgotten (or a state from before `messages`)
+    falls back to its lifetime counts, unweighted."""
+    counted = [m for m in state.messages.values() if m.sent and not m.undelivered]
+    rates: dict[str, ChannelRate] = {}
+    if counted:
+        newest = max(m.at for m in counted)
+        seconds = half_life.total_seconds()
+        weights: dict[str, list[float]] = {}
+        counts: dict[str, list[int]] = {}
+        for m in counted:
+            weight = 0.5 ** ((newest - m.at).total_seconds() / seconds) if seconds > 0 else 1.0
+            w = weights.setdefault(m.channel, [0.0, 0.0])
+            c = counts.setdefault(m.channel, [0, 0])
+            w[1] += weight
+            c[1] += 1
+            if m.engaged:
+                w[0] += weight
+                c[0] += 1
+        for channel, (engaged_weight, total_weight) in weights.items():
+            engaged, messages = counts[channel]
+            rate = engaged_weight / total_weight if total_weight > 0 else 0.0
+            rates[channel] = ChannelRate(engaged, messages, rate)
+    for channel, lifetime in state.engagement.items():
+        if channel not in rates and lifetime.sent:
+            rates[channel] = ChannelRate(min(lifetime.engaged, lifetime.sent), lifetime.sent,
+                                         lifetime.rate)  # fmt: skip
+    return rates
 
 
 # Event class -> how it changes the state; the other types only count as activity.

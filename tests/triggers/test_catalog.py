@@ -15,6 +15,7 @@ from tests.factories import (
     order,
 )
 from tests.triggers.timeline import Timeline
+from triggers.state import MessageRecord
 
 RULES = load_rules(None)
 # 10:00 in Seoul, the default timezone: outside quiet hours.
@@ -158,7 +159,9 @@ def test_review_request_three_days_after_an_order_unless_refunded() -> None:
 
 def test_win_back_after_30_days_of_silence_on_the_most_engaging_channel() -> None:
     t = customer(phone=True)
-    # The customer opens kakao messages, not emails.
+    # The customer opens kakao messages, not emails (messages the engine had emitted).
+    t.state.messages["a1"] = MessageRecord(channel="kakao", at=MORNING)
+    t.state.messages["a2"] = MessageRecord(channel="email", at=MORNING)
     t.send(event("message.sent", {"action_id": "a1"}, channel="kakao", at=MORNING))
     t.send(event("message.opened", {"action_id": "a1"}, channel="kakao", at=MORNING))
     t.send(event("message.sent", {"action_id": "a2"}, channel="email", at=MORNING))

@@ -22,7 +22,7 @@ from tests.factories import (
 )
 from triggers.engine import EnginePolicy, Input, Result, TimerFired, decide
 from triggers.ruleset import compile_rules
-from triggers.state import CustomerState
+from triggers.state import CustomerState, MessageRecord
 
 RULES = ruleset()
 OPT_IN = EnginePolicy()
@@ -149,10 +149,10 @@ def test_opt_out_policy_assumes_consent_until_revoked() -> None:
 
 
 def test_a_bounced_email_is_unreachable() -> None:
+    state, _, _ = run([at(identify()), at(consent("email"))])
+    state.messages["act_x"] = MessageRecord(channel="email", at=T0)
     bounced = event("message.bounced", {"action_id": "act_x"}, channel="email")
-    _, actions, decisions = run(
-        [at(identify()), at(consent("email")), at(bounced), at(cart_add()), tick(30)]
-    )
+    _, actions, decisions = run([at(bounced), at(cart_add()), tick(30)], state=state)
     assert actions == [] and decisions[0].reason == "unreachable"
 
 

@@ -79,6 +79,13 @@ def drive(
     for index, (kind, choice, gap) in enumerate(sequence):
         at += timedelta(seconds=gap)
         e = make_event(kind, choice, at, tz)
+        if kind == "opened":
+            # Feedback is for an action the engine emitted (else it is UnknownAction).
+            if not t.actions:
+                continue
+            sent = t.actions[choice % len(t.actions)]
+            e = event("message.opened", {"action_id": sent.action_id}, channel=sent.channel,
+                      at=at)
         t.send(e.model_copy(update={"customer_id": customer, "event_id": f"e{index}"}))
         for action in t.actions:
             if action.category == "marketing" and action.created_at == at:
