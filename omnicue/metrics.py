@@ -39,6 +39,13 @@ class WorkerMetrics:
             "omnicue_decisions", "Decisions made, by outcome and reason", ["outcome", "reason"],
             registry=r,
         )
+        self.identity_messages = Counter(
+            "omnicue_identity_messages",
+            "Identity messages sent between keys (link requests, merges, forwards, "
+            "claims; triggers/linking.py), by kind",
+            ["kind"],
+            registry=r,
+        )
         self.event_to_action_latency = Histogram(
             "omnicue_event_to_action_latency_seconds",
             "Processing latency: seconds from the later of the input's arrival and the "

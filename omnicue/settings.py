@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, cast, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -16,6 +17,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.events import Channel
+from triggers.identity import DEFAULT_BLOCKED, IdentityPolicy
 
 
 class Settings(BaseSettings):
@@ -61,6 +63,22 @@ class Settings(BaseSettings):
         description="Seconds producers may be out of order: a worker that is behind "
         "evaluates a step due at d once it has applied an input that occurred after "
         "d + this (see streams/progress.py)",
+    )
+    # Identity (triggers/identity.py). The salt keys the email and phone hashes: set a
+    # secret one per deployment, and never change it (the index would match nothing).
+    identity_salt: SecretStr = Field(
+        SecretStr(""), description="Salt of the email and phone hashes in identity keys"
+    )
+    identity_blocked: str = Field(
+        "",
+        description="Comma-separated values never used for matching, beside the built-in "
+        "placeholders (unknown, null, 0, test@example.com, ...)",
+    )
+    identity_idle_days: float = Field(
+        30.0, gt=0, description="An anonymous profile idle this long is dropped, not merged"
+    )
+    identity_max_anonymous_ids: int = Field(
+        100, ge=1, description="Anonymous ids a customer keeps linked (the oldest dropped)"
     )
     sender_claim_ttl: int = Field(7 * 86_400, description="Seconds a sent action id is remembered")
     sender_metrics_port: int = Field(6067, description="Port of a sender's /metrics (0: off)")
@@ -150,6 +168,15 @@ class Settings(BaseSettings):
     def _key_channel_pairs(cls, value: str) -> str:
         parse_write_keys(value)
         return value
+
+    def identity_policy(self) -> IdentityPolicy:
+        extra = {v.strip().lower() for v in self.identity_blocked.split(",") if v.strip()}
+        return IdentityPolicy(
+            salt=self.identity_salt.get_secret_value(),
+            blocked=DEFAULT_BLOCKED | extra,
+            idle_window=timedelta(days=self.identity_idle_days),
+            max_anonymous_ids=self.identity_max_anonymous_ids,
+        )
 
     @property
     def write_keys(self) -> dict[str, Channel]:

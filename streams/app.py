@@ -19,6 +19,7 @@ from streams.progress import Progress, consumer_progress
 from streams.stores import StateCacheTableManager
 from streams.topics import Topics, declare_topics
 from triggers.engine import EnginePolicy
+from triggers.identity import IdentityPolicy
 from triggers.ruleset import RuleSet
 from triggers.schedule import TimerSchedule
 
@@ -38,11 +39,13 @@ class Pipeline:
     app: faust.App
     topics: Topics
     customers: TableT[bytes, bytes]
+    identities: TableT[bytes, bytes]
     rules: RuleSet
     policy: EnginePolicy
     metrics: WorkerMetrics
     sender: RecordSender
     progress: Progress
+    identity_policy: IdentityPolicy
     schedule: TimerSchedule = field(default_factory=TimerSchedule)
     clock: Callable[[], datetime] = utc_now
 
@@ -112,7 +115,7 @@ def create_app(
     from streams.customers import register_customer_agent
     from streams.ingest import register_ingest_agent
     from streams.rules_watch import register_rules_watcher
-    from streams.tables import declare_customer_table
+    from streams.tables import declare_customer_table, declare_identity_table
     from streams.timers import register_timers
     from streams.views import register_views
 
@@ -123,6 +126,7 @@ def create_app(
         app=app,
         topics=topics,
         customers=declare_customer_table(app, settings.partitions),
+        identities=declare_identity_table(app, settings.partitions),
         rules=rules,
         policy=EnginePolicy(
             consent_policy=settings.consent_policy,
@@ -133,6 +137,7 @@ def create_app(
         progress=consumer_progress(
             app, names.EVENTS, names.CUSTOMER_INPUTS, timedelta(seconds=settings.allowed_lateness)
         ),
+        identity_policy=settings.identity_policy(),
         clock=clock,
     )
     # A child of the app added before it starts: started before the agents run and

@@ -1,8 +1,9 @@
 """Stage 2: per-customer decisions over the state table, a batch at a time.
 
-Inputs (events and timer firings) arrive keyed by customer. Each batch is grouped
-by customer so every customer's state is read once, evolved through all of its
-inputs in order, and written once.
+Inputs (events, timer firings, identity messages) arrive keyed by customer. Each
+batch is grouped by key so every key's state and identity entry are read once,
+taken through all of its inputs in order (identity first, `triggers.linking`,
+then the engine), and written once.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from faust.types import EventT, StreamT
 
 from schemas.events import describe_validation_error
 from streams.ingest import dead_letter
-from streams.inputs import decode_input
+from streams.inputs import decode_input, encode_message
 from streams.outbox import Outbox
-from triggers.engine import Input, Output, TimerFired, evolve, new_state
+from triggers import linking
+from triggers.engine import Output, TimerFired
+from triggers.linking import IdentityEntry, IdentityMessage, KeyInput
 from triggers.state import CustomerState
 
 if TYPE_CHECKING:
@@ -49,33 +52,34 @@ def _use_event_context(event: EventT[bytes]) -> None:
 
 
 async def process_batch(p: Pipeline, batch: Sequence[EventT[bytes]]) -> None:
-    groups: dict[bytes, list[tuple[EventT[bytes], Input | Exception, datetime | None]]] = {}
+    groups: dict[bytes, list[tuple[EventT[bytes], KeyInput | Exception, datetime | None]]] = {}
     progress = p.progress
     # In offset order, so each input knows its partition's event time as of itself.
     for event in batch:
         message = event.message
         try:
-            item: Input | Exception = decode_input(message.value or b"")
+            item: KeyInput | Exception = decode_input(message.value or b"")
         except Exception as exc:  # noqa: BLE001 - dead-lettered below, in order
             item = exc
-        if not isinstance(item, TimerFired | Exception):
-            progress.observe(message.partition, item.occurred_at)
+        produced = None if isinstance(item, Exception) else linking.event_of(item)
+        if produced is not None:
+            progress.observe(message.partition, produced.occurred_at)
         progress.processed(message.tp, message.offset)
-        # Every input is produced with its customer key (ingest and timers).
+        # Every input is produced with its customer key (ingest, timers, identity).
         groups.setdefault(message.key or b"", []).append(
             (event, item, progress.watermark(message.partition))
         )
     p.metrics.batch_events.observe(len(batch))
     now = p.clock()
     outbox = Outbox(p.sender)
-    states: list[tuple[EventT[bytes], bytes, bytes]] = []
+    writes: list[tuple[EventT[bytes], _CustomerRun]] = []
     for key, inputs in groups.items():
         last = inputs[-1][0].message
         _use_event_context(inputs[-1][0])
         raw = p.customers.get(key)
         if raw is None:
             p.metrics.customers_in_state.inc()
-        run = _CustomerRun(p, key, raw, now)
+        run = _CustomerRun(p, key, raw, p.identities.get(key), now)
         timer_failed = False
         for event, item, watermark in inputs:
             if isinstance(item, Exception):
@@ -93,9 +97,9 @@ async def process_batch(p: Pipeline, batch: Sequence[EventT[bytes]]) -> None:
                     # evaluate nothing, and the customer, still due, be sent again at
                     # every tick (a livelock under load, when the worker never catches up).
                     horizon = max(horizon, item.due_at)
-                else:
+                elif linking.event_of(item) is not None:
                     run.due_steps(horizon, event.message.timestamp)
-                run.apply(item, horizon, event.message.timestamp)
+                run.feed(item, horizon, event.message.timestamp)
             except Exception as exc:  # noqa: BLE001 - one bad input must not stop everyone
                 _fail(p, event, outbox, exc, key)
                 run.undo_last()
@@ -109,65 +113,106 @@ async def process_batch(p: Pipeline, batch: Sequence[EventT[bytes]]) -> None:
                 log.exception("cannot evaluate due steps for customer %r", key)
                 run.undo_last()
                 timer_failed = True
-        due = run.state.next_due()
+        due = run.state.next_due() if run.state is not None else None
         if timer_failed:
             p.metrics.timer_errors.inc()
             if due is not None and due <= now:
                 # Due in the past, the timer task would send it again at every tick.
                 due = now + TIMER_FAILURE_RETRY
-        state = run.state.model_dump_json(exclude_defaults=True).encode()
-        states.append((inputs[-1][0], key, state))
+        writes.append((inputs[-1][0], run))
         p.schedule.set_due(key, due, last.partition)
         for out, arrived in run.outputs:
             emit(p, key, out, outbox, arrived)
+        for target, sent in run.sends:
+            outbox.add(p.topics.customer_inputs, target.encode(), encode_message(sent))
+            p.metrics.identity_messages.labels(kind=sent.kind).inc()
     # What the batch decided reaches the broker before the states that record it: a
     # state written first (RocksDB at once, the changelog soon after) survived a SIGKILL
     # before the flush, and the inputs, processed again, decided nothing (issue 9: cart
     # reminders lost, their journeys no longer pending after the restart). A kill after
     # the flush, before the states reach the changelog, sends the outputs again instead:
-    # the same records (deterministic action ids), which senders deliver once.
+    # the same records (deterministic action ids), which senders deliver once. Identity
+    # messages likewise: each step is idempotent at the key that receives it.
     await outbox.flush()
-    for event, key, written in states:
+    for event, run in writes:
         _use_event_context(event)
-        p.customers[key] = written
+        run.write()
     p.metrics.timers_pending.set(len(p.schedule))
 
 
 class _CustomerRun:
-    """One customer's inputs of a batch, applied to a private copy of its state."""
+    """One key's inputs of a batch, applied to private copies of its state and its
+    identity entry."""
 
-    def __init__(self, p: Pipeline, key: bytes, raw: bytes | None, now: datetime) -> None:
-        self._p, self._key, self._raw, self._now = p, key, raw, now
-        self.state = self._load()
+    def __init__(
+        self, p: Pipeline, key: bytes, raw: bytes | None, raw_entry: bytes | None, now: datetime
+    ) -> None:
+        self._p, self._key, self._raw, self._raw_entry, self._now = p, key, raw, raw_entry, now
+        self._name = key.decode()
+        self.state, self.entry = self._load()
+        self._state_changed = False
         # What each applied input decided, and when that input arrived (seconds).
         self.outputs: list[tuple[Output, float]] = []
+        # Identity messages to other keys (and this one), in order.
+        self.sends: list[tuple[str, IdentityMessage]] = []
         # What has been applied, to rebuild the state if an input fails.
-        self._applied: list[tuple[Input, datetime]] = []
+        self._applied: list[tuple[KeyInput, datetime, float]] = []
 
-    def apply(self, item: Input, horizon: datetime, arrived: float) -> None:
+    def feed(self, item: KeyInput, horizon: datetime, arrived: float) -> None:
+        """One input: its identity step (`triggers.linking`), then the engine on what
+        that step lets through. Nothing of it is kept if it raises."""
+        outputs, sends = self._feed(item, horizon, arrived)
+        self.outputs.extend(outputs)
+        self.sends.extend(sends)
+        self._applied.append((item, horizon, arrived))
+
+    def _feed(
+        self, item: KeyInput, horizon: datetime, arrived: float
+    ) -> tuple[list[tuple[Output, float]], list[tuple[str, IdentityMessage]]]:
         p = self._p
-        out = evolve(self.state, item, self._now, p.rules, p.policy, horizon)
-        self.outputs.append((out, arrived))
-        self._applied.append((item, horizon))
+        done = linking.process(
+            self._name, self.entry, self.state, item, self._now, p.identity_policy, p.rules,
+            p.policy, horizon,
+        )  # fmt: skip
+        self.entry, self.state = done.entry, done.state
+        self._state_changed = self._state_changed or done.state_changed
+        return [(out, arrived) for out in done.outputs], done.sends
 
     def due_steps(self, horizon: datetime, arrived: float) -> None:
-        due = self.state.next_due()
+        state = self.state
+        if state is None or self.entry.pending:
+            return  # nothing here, or waiting for a link: its inputs are parked
+        due = state.next_due()
         if due is not None and due <= horizon:
-            self.apply(TimerFired(due_at=horizon), horizon, arrived)
+            self.feed(TimerFired(due_at=horizon), horizon, arrived)
 
     def undo_last(self) -> None:
         """After an input raised: the state as it was before that input, rebuilt from
-        the stored state and the inputs applied before it (`evolve` is deterministic),
-        so that the dead letter, once fixed, can be replayed and is not a duplicate."""
-        p = self._p
-        self.state = self._load()
-        for item, horizon in self._applied:
-            evolve(self.state, item, self._now, p.rules, p.policy, horizon)
+        the stored state and the inputs applied before it (`evolve` and the identity
+        step are deterministic), so that the dead letter, once fixed, can be replayed
+        and is not a duplicate."""
+        self.state, self.entry = self._load()
+        self._state_changed = False
+        for item, horizon, arrived in self._applied:
+            self._feed(item, horizon, arrived)
 
-    def _load(self) -> CustomerState:
-        if self._raw is None:
-            return new_state(self._key.decode())
-        return CustomerState.model_validate_json(self._raw)
+    def write(self) -> None:
+        p, key = self._p, self._key
+        if self.state is not None:
+            p.customers[key] = self.state.model_dump_json(exclude_defaults=True).encode()
+        elif self._state_changed and self._raw is not None:
+            del p.customers[key]  # merged into another profile
+        entry = self.entry.model_dump_json(exclude_defaults=True).encode()
+        if entry != (self._raw_entry or b"{}"):
+            p.identities[key] = entry
+
+    def _load(self) -> tuple[CustomerState | None, IdentityEntry]:
+        state = None if self._raw is None else CustomerState.model_validate_json(self._raw)
+        entry = (
+            IdentityEntry() if self._raw_entry is None
+            else IdentityEntry.model_validate_json(self._raw_entry)
+        )
+        return state, entry
 
 
 # A customer whose due steps could not be evaluated is tried again this much later.

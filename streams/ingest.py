@@ -14,14 +14,9 @@ from faust import Stream
 from faust.types import EventT, Message, StreamT
 from pydantic import ValidationError
 
-from schemas.events import (
-    Event,
-    customer_key,
-    describe_validation_error,
-    event_adapter,
-    event_to_json,
-)
+from schemas.events import describe_validation_error, event_adapter, event_to_json
 from streams.outbox import Outbox
+from triggers.linking import route_key
 
 if TYPE_CHECKING:
     from streams.app import Pipeline
@@ -60,18 +55,15 @@ def route_event(p: Pipeline, event: EventT[bytes], outbox: Outbox) -> None:
         dead_letter(p, event, outbox, "ingest", reason, describe_validation_error(exc))
         return
     p.metrics.events_consumed.labels(type=parsed.type).inc()
-    # Identity stitching will replace this lookup; the repartition by key stays.
-    key = resolve_customer_key(parsed)
+    # To its customer, else its device; the customer's key resolves the rest
+    # (`triggers.linking`).
+    key = route_key(parsed, p.identity_policy)
     outbox.add(
         p.topics.customer_inputs,
         key.encode(),
         event_to_json(parsed),
         headers=carried_headers(message) or None,
     )
-
-
-def resolve_customer_key(event: Event) -> str:
-    return customer_key(event)
 
 
 def carried_headers(message: Message) -> list[tuple[str, bytes]]:

@@ -1,7 +1,8 @@
-"""Encoding of the internal per-customer input topic: events and timer firings.
+"""Encoding of the internal per-customer input topic: events, timer firings and
+identity messages between keys (`triggers.linking`).
 
-Both kinds travel on one topic keyed by customer, so a timer firing goes through
-exactly the same per-customer path, in order with that customer's events.
+All travel on one topic keyed by customer, so a timer firing or a merge goes
+through exactly the same per-customer path, in order with that customer's events.
 """
 
 from __future__ import annotations
@@ -11,16 +12,24 @@ from datetime import datetime
 import orjson
 
 from schemas.events import event_from_dict
-from triggers.engine import Input, TimerFired
+from triggers.engine import TimerFired
+from triggers.linking import IdentityMessage, KeyInput, message_adapter
 
 
 def encode_timer(due_at: datetime) -> bytes:
     return orjson.dumps({"timer_due_at": due_at.isoformat()})
 
 
-def decode_input(raw: bytes) -> Input:
+def encode_message(message: IdentityMessage) -> bytes:
+    return message_adapter.dump_json(message, exclude_defaults=True)
+
+
+def decode_input(raw: bytes) -> KeyInput:
     data = orjson.loads(raw)
-    due = data.get("timer_due_at") if isinstance(data, dict) else None
-    if due is not None:
-        return TimerFired(due_at=datetime.fromisoformat(due))
+    if isinstance(data, dict):
+        due = data.get("timer_due_at")
+        if due is not None:
+            return TimerFired(due_at=datetime.fromisoformat(due))
+        if "kind" in data:
+            return message_adapter.validate_python(data)
     return event_from_dict(data)

@@ -1,4 +1,9 @@
-"""The customer state table: customer key -> CustomerState JSON (changelog-backed)."""
+"""The state tables, both changelog-backed and keyed like the per-customer inputs:
+
+- customers: customer key -> CustomerState JSON;
+- identity: key -> IdentityEntry JSON (`triggers.linking`): a device's link, a
+  customer's anonymous ids and hashes, an email or phone hash's owner.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import faust
 from faust.types import TableT
 
 CUSTOMERS_TABLE = "customers"
+IDENTITY_TABLE = "identity"
 
 
 def declare_customer_table(app: faust.App, partitions: int) -> TableT[bytes, bytes]:
@@ -18,4 +24,16 @@ def declare_customer_table(app: faust.App, partitions: int) -> TableT[bytes, byt
         value_type=bytes,
         partitions=partitions,
         help="Per-customer state: contact points, consents, carts, journeys",
+    )
+
+
+def declare_identity_table(app: faust.App, partitions: int) -> TableT[bytes, bytes]:
+    # Written by the customers agent beside the state, in the input's partition: a
+    # key's entry and its state are owned, recovered and moved together.
+    return app.Table(
+        IDENTITY_TABLE,
+        key_type=bytes,
+        value_type=bytes,
+        partitions=partitions,
+        help="Identity map entries: device links, customers' ids, email/phone owners",
     )

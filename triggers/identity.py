@@ -282,7 +282,9 @@ def resolve(
         # Only blocked ids: the event keeps its own key and matches nothing.
         profile = event.customer_id or anonymous_profile(event.anonymous_id or "")
     if isinstance(event, Identify):
-        _match_traits(plan, event, profile, customer is not None, policy)
+        # Known: the profile is a customer's, also when a linked device's event led there.
+        known = not profile.startswith(ANONYMOUS_PREFIX)
+        _match_traits(plan, event, profile, known, policy)
     return plan.resolution(profile)
 
 
@@ -401,6 +403,19 @@ def record(identity: IdentityMap, resolution: Resolution) -> None:
             identity.matching.pop(hashed, None)
         else:
             identity.matching[hashed] = owner
+
+
+def keep_identity_decisions(
+    state: CustomerState, decisions: list[Decision], out: list[Decision]
+) -> None:
+    """Put identity decisions before what the engine decided for the same input
+    (`out`), and keep them in the state for "why (not)?" as the engine keeps its
+    own; a merge's decision is there already (`absorb`)."""
+    if not decisions:
+        return
+    out[:0] = decisions
+    state.recent_decisions.extend(d for d in decisions if d.reason != "identity_merged")
+    del state.recent_decisions[:-RECENT_DECISIONS]
 
 
 # ------------------------------------------------------------------------ merge

@@ -41,13 +41,14 @@ from triggers.identity import (
     IdentityMap,
     IdentityPolicy,
     absorb,
+    keep_identity_decisions,
     needs_resolution,
     record,
     resolve,
 )
 from triggers.ruleset import RuleSet
 from triggers.schedule import TimerSchedule
-from triggers.state import RECENT_DECISIONS, CustomerState, UnknownAction
+from triggers.state import CustomerState, UnknownAction
 
 # The replay has a single "partition": TimerSchedule wants one per key.
 _PARTITION = 0
@@ -337,13 +338,7 @@ class Replayer:
             # Raised before the engine changed anything: the event is skipped.
             stats.unknown_actions += 1
             out = Output(applied=True)
-        if identity_decisions:
-            out.decisions[:0] = identity_decisions
-            # A merge's decision is in the merged state already (`absorb`); the others
-            # are kept as the engine keeps its own, for "why (not)?".
-            unkept = [d for d in identity_decisions if d.reason != "identity_merged"]
-            state.recent_decisions.extend(unkept)
-            del state.recent_decisions[:-RECENT_DECISIONS]
+        keep_identity_decisions(state, identity_decisions, out.decisions)
         if not out.applied:
             stats.duplicates += 1
         elif out.started:

@@ -180,7 +180,8 @@ async def test_latency_counts_from_the_deferred_due_time_and_deferral_is_measure
 async def test_a_timer_input_that_raises_is_retried_later_not_at_every_tick(
     shell: Shell, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from streams import customers as stage
+    from streams.customers import TIMER_FAILURE_RETRY
+    from triggers import linking as stage
     from triggers.engine import TimerFired
 
     real = stage.evolve
@@ -203,7 +204,7 @@ async def test_a_timer_input_that_raises_is_retried_later_not_at_every_tick(
     [letter] = shell.headers(topics.EVENTS_DLQ)
     assert letter["omnicue.error.class"] == b"RuntimeError"
     assert state_of(shell, b"c").journeys["cart_abandonment|K"].next_step == 1
-    assert shell.pipeline.schedule.due_at(b"c") == shell.now[0] + stage.TIMER_FAILURE_RETRY
+    assert shell.pipeline.schedule.due_at(b"c") == shell.now[0] + TIMER_FAILURE_RETRY
     assert shell.pipeline.metrics.registry.get_sample_value("omnicue_timer_errors_total") == 1
 
 
