@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Annotated, Literal, TypeAlias, cast
+from typing import Annotated, Literal, TypeAlias
 
 from pydantic import AwareDatetime, BaseModel, Field, TypeAdapter
 
@@ -208,7 +208,7 @@ def event_of(item: KeyInput) -> Event | None:
     """The item, if it is an event from a producer (not a timer or a message)."""
     if isinstance(item, (TimerFired, *MESSAGE_TYPES)):
         return None
-    return cast("Event", item)
+    return item
 
 
 @dataclass(slots=True)
