@@ -24,10 +24,24 @@ from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import ec
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
 from pydantic import ValidationError
 
+from omnicue.feedback import (
+    SENDGRID_SIGNATURE,
+    SENDGRID_TIMESTAMP,
+    TWILIO_SIGNATURE,
+    FeedbackError,
+    Mapped,
+    generic_event,
+    load_sendgrid_key,
+    sendgrid_event,
+    twilio_event,
+    verify_sendgrid,
+    verify_twilio,
+)
 from omnicue.producer import InvalidEvent
 from omnicue.segment import MappingError, map_message
 from omnicue.settings import Settings
@@ -45,6 +59,9 @@ log = logging.getLogger("omnicue.ingest")
 # Segment's limits, which its libraries enforce on their side too.
 MESSAGE_LIMIT = 32 * 1024
 BATCH_LIMIT = 500 * 1024
+# A provider's feedback post (SendGrid batches its events; its documentation names no
+# size): larger than Segment's limit.
+FEEDBACK_LIMIT = 2 * 1024 * 1024
 # How long a request waits for the broker before it gets a 503 (and is retried).
 ACK_TIMEOUT = 30.0
 SEGMENT_ENDPOINTS = ("track", "identify", "alias", "page", "screen")
@@ -222,12 +239,53 @@ def check_native(messages: Sequence[Any], channel: Channel) -> Outcome:
     return outcome
 
 
+def check_feedback(items: Sequence[Any], channel: Channel) -> Outcome:
+    """The generic feedback form (`/v1/feedback`); a missing `channel` is the write key's."""
+    outcome = Outcome()
+    for index, item in enumerate(items):
+        if isinstance(item, dict) and _size(item) > MESSAGE_LIMIT:
+            outcome.reject(index, item, "too_large", f"larger than {MESSAGE_LIMIT} bytes")
+            continue
+        try:
+            _accept(outcome, index, item, [generic_event(item, channel)])
+        except (FeedbackError, InvalidEvent) as exc:
+            outcome.reject(index, item, "invalid", str(exc))
+    return outcome
+
+
+@dataclass(frozen=True)
+class ProviderFeedback:
+    """How the providers' callbacks are authenticated; None: that endpoint is off."""
+
+    sendgrid_key: ec.EllipticCurvePublicKey | None = None
+    twilio_auth_token: str | None = None
+    # The ingest's URL as providers call it (scheme, host, port, any path prefix), when
+    # a proxy in front changes it: Twilio signs the URL it called.
+    public_url: str | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ProviderFeedback:
+        key = settings.feedback_sendgrid_public_key
+        token = settings.feedback_twilio_auth_token
+        return cls(
+            sendgrid_key=load_sendgrid_key(key) if key else None,
+            twilio_auth_token=token.get_secret_value() if token else None,
+            public_url=settings.feedback_public_url,
+        )
+
+
 class Ingest:
     """The request handlers, over a publisher and the write keys."""
 
-    def __init__(self, write_keys: Mapping[str, Channel], publisher: Publisher) -> None:
+    def __init__(
+        self,
+        write_keys: Mapping[str, Channel],
+        publisher: Publisher,
+        providers: ProviderFeedback | None = None,
+    ) -> None:
         self._write_keys = dict(write_keys)
         self._publisher = publisher
+        self._providers = providers or ProviderFeedback()
 
     def routes(self) -> list[web.RouteDef]:
         routes = [web.post(f"/v1/{name}", self._single(name)) for name in SEGMENT_ENDPOINTS]
@@ -235,6 +293,9 @@ class Ingest:
             *routes,
             web.post("/v1/batch", self.batch),
             web.post("/v1/events", self.events),
+            web.post("/v1/feedback", self.feedback),
+            web.post("/v1/feedback/sendgrid", self.sendgrid),
+            web.post("/v1/feedback/twilio", self.twilio),
             web.get("/health", self.health),
         ]
 
@@ -252,6 +313,108 @@ class Ingest:
 
     async def events(self, request: web.Request) -> web.Response:
         return await self._handle(request, "events")
+
+    async def feedback(self, request: web.Request) -> web.Response:
+        return await self._handle(request, "feedback")
+
+    async def sendgrid(self, request: web.Request) -> web.Response:
+        """The SendGrid Event Webhook: a JSON array of events, signed (ECDSA)."""
+        key = self._providers.sendgrid_key
+        if key is None:
+            return _json_error(404, "not_configured", "SendGrid feedback is not configured "
+                               "(OMNICUE_FEEDBACK_SENDGRID_PUBLIC_KEY)")  # fmt: skip
+        body = await self._provider_body(request)
+        if isinstance(body, web.Response):
+            return body
+        headers = request.headers
+        if not verify_sendgrid(
+            key, body, headers.get(SENDGRID_SIGNATURE), headers.get(SENDGRID_TIMESTAMP)
+        ):
+            return _json_error(403, "bad_signature", f"{SENDGRID_SIGNATURE} does not verify "
+                               f"over {SENDGRID_TIMESTAMP} and the body")  # fmt: skip
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            return _json_error(400, "invalid_json", f"the body is not JSON: {exc}")
+        if not isinstance(payload, list):
+            return _json_error(400, "invalid", "the body must be a JSON array of events")
+        outcome, skipped = Outcome(), 0
+        for index, item in enumerate(payload):
+            try:
+                skipped += self._accept_mapped(outcome, index, item, sendgrid_event(item))
+            except (FeedbackError, InvalidEvent) as exc:
+                outcome.reject(index, item, "invalid", str(exc))
+        # 200 even with rejected events: SendGrid would retry the whole batch for days,
+        # and a malformed event never gets better. They are logged and listed.
+        return await self._provider_reply(outcome, skipped, "SendGrid")
+
+    async def twilio(self, request: web.Request) -> web.Response:
+        """Twilio's status callback: a form, signed (HMAC-SHA1 of URL and parameters)."""
+        token = self._providers.twilio_auth_token
+        if token is None:
+            return _json_error(404, "not_configured", "Twilio feedback is not configured "
+                               "(OMNICUE_FEEDBACK_TWILIO_AUTH_TOKEN)")  # fmt: skip
+        body = await self._provider_body(request)
+        if isinstance(body, web.Response):
+            return body
+        form = await request.post()
+        params = [(name, value) for name, value in form.items() if isinstance(value, str)]
+        base = self._providers.public_url
+        url = base.rstrip("/") + request.path_qs if base else str(request.url)
+        if not verify_twilio(token, url, params, request.headers.get(TWILIO_SIGNATURE)):
+            return _json_error(403, "bad_signature",
+                               f"{TWILIO_SIGNATURE} does not verify for {url}")  # fmt: skip
+        outcome = Outcome()
+        try:
+            mapped = twilio_event(dict(params), request.query, datetime.now(UTC))
+            skipped = self._accept_mapped(outcome, 0, dict(params), mapped)
+        except (FeedbackError, InvalidEvent) as exc:
+            return _json_error(400, "invalid", str(exc))
+        return await self._provider_reply(outcome, skipped, "Twilio")
+
+    async def _provider_body(self, request: web.Request) -> bytes | web.Response:
+        too_large = _json_error(
+            413, "too_large", f"request body larger than {FEEDBACK_LIMIT} bytes"
+        )
+        if request.content_length is not None and request.content_length > FEEDBACK_LIMIT:
+            return too_large
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return too_large
+        return too_large if len(body) > FEEDBACK_LIMIT else body
+
+    def _accept_mapped(self, outcome: Outcome, index: int, item: Any, mapped: Mapped) -> int:
+        """Accept the mapped event; 1 when the item was skipped (no feedback)."""
+        if mapped.event is None:
+            return 1
+        _accept(outcome, index, item, [mapped.event])
+        return 0
+
+    async def _provider_reply(self, outcome: Outcome, skipped: int, provider: str) -> web.Response:
+        if outcome.records and not await self._publish(outcome.records):
+            return _unavailable()
+        if outcome.errors:
+            log.warning("%s feedback: %d rejected: %s", provider, len(outcome.errors),
+                        outcome.errors[:3])  # fmt: skip
+        body: dict[str, Any] = {
+            "success": not outcome.errors,
+            "accepted": outcome.accepted,
+            "skipped": skipped,
+            "rejected": len(outcome.errors),
+        }
+        if outcome.errors:
+            body["errors"] = outcome.errors
+        return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+    async def _publish(self, records: Sequence[Record]) -> bool:
+        """Publish and wait for the broker's acknowledgement; False if it did not come."""
+        try:
+            await asyncio.wait_for(self._publisher.publish(records), ACK_TIMEOUT)
+        except Exception as exc:  # any failure: nothing of this request is promised
+            log.warning("publishing %d records failed: %r", len(records), exc)
+            return False
+        return True
 
     async def _handle(self, request: web.Request, kind: str) -> web.Response:
         key = _write_key(request)
@@ -281,23 +444,26 @@ class Ingest:
         if kind == "events":
             messages = payload if isinstance(payload, list) else [payload]
             outcome = check_native(messages, channel)
+        elif kind == "feedback":
+            items = payload if isinstance(payload, list) else [payload]
+            outcome = check_feedback(items, channel)
         else:
             messages_or_error = _segment_messages(payload, kind)
             if isinstance(messages_or_error, str):
                 return _json_error(400, "invalid", messages_or_error)
             outcome = map_segment(messages_or_error, channel, received_at)
-        if outcome.records:
-            try:
-                await asyncio.wait_for(self._publisher.publish(outcome.records), ACK_TIMEOUT)
-            except Exception as exc:  # any failure: nothing of this request is promised
-                log.warning("publishing %d records failed: %r", len(outcome.records), exc)
-                return _json_error(
-                    503,
-                    "unavailable",
-                    "the broker did not acknowledge the events; retry the request "
-                    "(events keep their messageId, so a retry does not duplicate them)",
-                )
+        if outcome.records and not await self._publish(outcome.records):
+            return _unavailable()
         return _reply(outcome)
+
+
+def _unavailable() -> web.Response:
+    return _json_error(
+        503,
+        "unavailable",
+        "the broker did not acknowledge the events; retry the request "
+        "(events keep their messageId, so a retry does not duplicate them)",
+    )
 
 
 def _segment_messages(payload: Any, kind: str) -> list[Any] | str:
@@ -339,10 +505,15 @@ def _reply(outcome: Outcome) -> web.Response:
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
-def build_app(write_keys: Mapping[str, Channel], publisher: Publisher) -> web.Application:
-    # One byte over the batch limit still reads, so the handler can answer in JSON.
-    app = web.Application(client_max_size=BATCH_LIMIT + 1)
-    app.add_routes(Ingest(write_keys, publisher).routes())
+def build_app(
+    write_keys: Mapping[str, Channel],
+    publisher: Publisher,
+    providers: ProviderFeedback | None = None,
+) -> web.Application:
+    # One byte over the largest limit still reads, so the handler can answer in JSON
+    # (each endpoint checks its own limit).
+    app = web.Application(client_max_size=FEEDBACK_LIMIT + 1)
+    app.add_routes(Ingest(write_keys, publisher, providers).routes())
     return app
 
 
@@ -365,7 +536,8 @@ def run_ingest(settings: Settings) -> None:
 async def _serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     publisher = await loop.run_in_executor(None, KafkaPublisher, settings)
-    runner = web.AppRunner(build_app(settings.write_keys, publisher), access_log=None)
+    app = build_app(settings.write_keys, publisher, ProviderFeedback.from_settings(settings))
+    runner = web.AppRunner(app, access_log=None)
     try:
         await runner.setup()
         site = web.TCPSite(runner, settings.ingest_host, settings.ingest_port)

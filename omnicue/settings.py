@@ -95,6 +95,23 @@ class Settings(BaseSettings):
     sender_lease_ttl: float = Field(30.0, gt=0, description="Seconds a sending lease lasts")
     sender_max_in_flight: int = Field(64, ge=1, description="Concurrent sends per process")
     webhook_secret: SecretStr | None = Field(None, description="HMAC key of webhook bodies")
+    sender_status_callback_url: str | None = Field(
+        None,
+        description="Twilio StatusCallback for webhook-sent SMS, e.g. "
+        "https://ingest.example.com/v1/feedback/twilio (the ids are added to its query)",
+    )
+    # Delivery feedback at the ingest (omnicue/feedback.py); unset: that endpoint is off.
+    feedback_sendgrid_public_key: str | None = Field(
+        None, description="SendGrid's Signed Event Webhook verification key (base64 or PEM)"
+    )
+    feedback_twilio_auth_token: SecretStr | None = Field(
+        None, description="Twilio auth token, the key of X-Twilio-Signature"
+    )
+    feedback_public_url: str | None = Field(
+        None,
+        description="The ingest's URL as providers call it (behind a proxy): Twilio signs "
+        "the URL it called",
+    )
     # Messages (senders/render.py, senders/advertising.py, senders/smtp.py).
     sender_templates: Path | None = Field(
         None, description="Templates directory overriding the packaged ones (ko/, en/)"
@@ -162,6 +179,15 @@ class Settings(BaseSettings):
         if self.sender_lease_ttl <= self.sender_timeout:
             raise ValueError("sender_lease_ttl must be longer than sender_timeout")
         return self
+
+    @field_validator("feedback_sendgrid_public_key")
+    @classmethod
+    def _sendgrid_key(cls, value: str | None) -> str | None:
+        if value:
+            from omnicue.feedback import load_sendgrid_key
+
+            load_sendgrid_key(value)
+        return value or None
 
     @field_validator("ingest_write_keys")
     @classmethod
