@@ -51,6 +51,9 @@ class Decision(BaseModel):
     # Identity decisions: the other profile (the one merged in, or the customer that
     # holds a conflicting email or phone).
     profile: str | None = None
+    # A merge: how many of the merged profile's journeys went on in this one (a journey
+    # of the same rule and key that this one had further along is not carried over).
+    journeys_carried: int | None = None
     # A `fired` step with `channel: best`: the candidate channels as it ranked them,
     # best first (those without feedback keep the rule's order, after the others).
     engagement: list[ChannelEngagement] | None = None

@@ -92,7 +92,11 @@ def describe_identity(decision: Decision) -> str:
     kind = "anonymous profile" if decision.journey_key == "anonymous_id" else "profile"
     match decision.reason:
         case "identity_merged":
-            return f"{kind} {other} merged into this customer{by}"
+            carried = decision.journeys_carried
+            journeys = "" if carried is None else (
+                f"; {carried} journey{'' if carried == 1 else 's'} carried over"
+            )
+            return f"{kind} {other} merged into this customer{by}{journeys}"
         case "anonymous_idle":
             return f"{kind} {other} was idle too long to merge: dropped{by}"
         case "identity_conflict":

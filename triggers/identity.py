@@ -159,7 +159,9 @@ def needs_resolution(identity: IdentityMap, event: Event) -> bool:
     if anonymous_id is None:
         return False
     device = identity.devices.get(anonymous_id)
-    return device is None or device.customer_id != event.customer_id
+    # A device linked to nobody (shared, or dropped from its customer's list) has a
+    # later generation's profile for its anonymous events.
+    return device is None or device.customer_id is None or device.customer_id != event.customer_id
 
 
 def canonical(identity: IdentityMap, customer_id: str) -> str:
@@ -453,9 +455,13 @@ def absorb(
         )
         return target, decision
     merged = merge_profiles(source, target, policy.max_anonymous_ids)
+    carried = sum(
+        _source_wins(journey, target.journeys.get(slot))
+        for slot, journey in source.journeys.items()
+    )
     decision = identity_decision(
         target.customer_id, "identity_merged", identifier, source.customer_id, now, event_id
-    )
+    ).model_copy(update={"journeys_carried": carried})
     merged.recent_decisions.append(decision)
     del merged.recent_decisions[:-RECENT_DECISIONS]
     return merged, decision
@@ -550,10 +556,14 @@ def _merge_journeys(a: CustomerState, b: CustomerState) -> dict[str, Journey]:
     for slot, journey in a.journeys.items():
         if journey.origin is None:
             journey.origin = a.customer_id
-        mine = journeys.get(slot)
-        if mine is None or journey.next_step > mine.next_step:
+        if _source_wins(journey, journeys.get(slot)):
             journeys[slot] = journey
     return journeys
+
+
+def _source_wins(theirs: Journey, mine: Journey | None) -> bool:
+    """Whether the merged profile's journey replaces the target's of the same slot."""
+    return mine is None or theirs.next_step > mine.next_step
 
 
 def _merge_occurrences(

@@ -74,6 +74,8 @@ def test_identity_decisions_say_which_profile_merged_and_why_not() -> None:
         "2026-03-02 10:15:00 UTC  anonymous profile anon:a-17 merged into this customer "
         "by event e-33"
     )
+    carried = merged.model_copy(update={"journeys_carried": 1})
+    assert describe(carried).endswith("by event e-33; 1 journey carried over")
     conflict = identity_decision("c-9", "identity_conflict", "email", "c-4", at, "e-34")
     assert "the email already belongs to customer c-4: not merged" in describe(conflict)
     shared = identity_decision("c-9", "shared_device", "anonymous_id", "c-2", at, None)

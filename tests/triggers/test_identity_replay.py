@@ -82,6 +82,8 @@ def test_a_redelivered_link_merges_once() -> None:
     assert [(d.reason, d.customer_id, d.profile) for d in identity] == [
         ("identity_merged", "c-9", "anon:a-1")
     ]
+    # The cart journey started anonymously goes on in the customer's profile.
+    assert identity[0].journeys_carried == 1
     assert replayer.stats.reasons[("identity", "identity_merged")] == 1
 
 
@@ -133,3 +135,17 @@ def test_a_conflicting_email_is_a_decision_and_a_count_not_a_merge() -> None:
     [decision] = [d for o in outputs for d in o.decisions]
     assert (decision.customer_id, decision.profile, decision.journey_key) == ("c-2", "c-1", "email")
     assert replayer.states["c-2"].recent_decisions == [decision]
+
+
+def test_a_shared_devices_later_anonymous_events_go_to_its_new_anonymous_profile() -> None:
+    """Found by the keyed identity property: replay put them in a profile keyed ""."""
+    anon: dict[str, Any] = {"customer_id": None, "anonymous_id": "a-1"}
+    log = [
+        identify(None, customer_id="c-9", anonymous_id="a-1", at=T0),
+        identify(None, customer_id="c-7", anonymous_id="a-1", at=T0 + minutes(1)),
+        cart_add("K", at=T0 + minutes(2), **anon),
+    ]
+    replayer = Replayer(RULES, POLICY)
+    list(replayer.run(log))
+    assert set(replayer.states) == {"c-9", "c-7", "anon:a-1#1"}
+    assert set(replayer.states["anon:a-1#1"].carts) == {"K"}
