@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from faust.web import Request, Response, View
 
 from omnicue.metrics import CONTENT_TYPE
 from triggers.explain import explanation
+from triggers.identity import ANONYMOUS_PREFIX
+from triggers.linking import IdentityEntry, device_key
 from triggers.profile import customer_profile
 from triggers.state import CustomerState
 
@@ -43,6 +46,8 @@ def register_customer_view(
     """GET `path`: `body` of one customer's state, answered by the worker that owns the
     customer (faust forwards the request there), 404 where there is none."""
 
+    suffix = path.split("{customer_id}", 1)[1]
+
     class CustomerView(View):
         # faust types table_route for plain view functions; methods work the same.
         @p.app.table_route(table=p.customers, match_info="customer_id")  # type: ignore[arg-type]
@@ -50,8 +55,30 @@ def register_customer_view(
             customer_id: str = request.match_info["customer_id"]
             raw = p.customers.get(customer_id.encode())
             if raw is None:
+                resolved = resolved_elsewhere(p, customer_id)
+                if resolved is not None:
+                    # To the profile this id resolves to, which another worker may own.
+                    location = f"/customers/{quote(resolved, safe='')}{suffix}"
+                    return self.json(
+                        {"resolved_to": resolved}, status=307, headers={"Location": location}
+                    )
                 return self.json({"error": f"no state for customer {customer_id!r}"}, status=404)
             return self.json(body(CustomerState.model_validate_json(raw)))
 
     CustomerView.__name__ = CustomerView.__qualname__ = name
     p.app.page(path)(CustomerView)
+
+
+def resolved_elsewhere(p: Pipeline, key: str) -> str | None:
+    """The profile an id without state of its own resolves to: the customer a linked
+    anonymous id or a retired customer became, or, for an id that is nobody's
+    customer id, its anonymous profile (`anon:<id>`)."""
+    raw = p.identities.get(key.encode())
+    if raw is not None:
+        entry = IdentityEntry.model_validate_json(raw)
+        target = entry.linked_to or entry.retired_into
+        if target is not None:
+            return target
+    if not key.startswith(ANONYMOUS_PREFIX) and raw is None:
+        return device_key(key)
+    return None
