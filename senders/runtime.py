@@ -173,6 +173,7 @@ def build_transport(settings: Settings, channel: str) -> Transport:
         timeout=settings.sender_timeout,
         connections=settings.sender_max_in_flight,
         render=renderer.render,
+        status_callback=settings.sender_status_callback_url,
     )
 
 

@@ -11,6 +11,8 @@ The email (built with the standard library's `email` package):
 - `Message-ID: <action_id@domain>`: derived from the action id, so the second copy a
   crashed sender can send (see senders/__init__.py) has the same id as the first, and
   mail systems that deduplicate on it show one;
+- `X-SMTPAPI` with the unique args `omnicue_action_id` and `omnicue_customer_id`: SendGrid
+  echoes them on its Event Webhook (omnicue/feedback.py);
 - `List-Unsubscribe: <url>` and `List-Unsubscribe-Post: List-Unsubscribe=One-Click`
   (RFC 8058): a mailbox provider's "unsubscribe" button POSTs to the URL. (RFC 8058
   also asks for a DKIM signature covering both headers: that is the relay's job.)
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import email.policy
 import io
+import json
 import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,12 +41,17 @@ from urllib.parse import urlsplit
 
 import aiosmtplib
 
+from omnicue.feedback import ACTION_ARG, CUSTOMER_ARG
 from omnicue.settings import Settings
 from schemas.actions import Action
 from senders.render import RenderedMessage, Renderer, TemplateError
 from senders.transports import Accepted, Rejected, Result
 
 ACTION_ID_HEADER = "X-Omnicue-Action-Id"
+# SendGrid's SMTP API: unique args given here come back on every Event Webhook event of
+# the email, which is how its feedback finds the action and the customer. Other relays
+# pass the header through (it names no contact point).
+SMTPAPI_HEADER = "X-SMTPAPI"
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,10 @@ def build_email(action: Action, message: RenderedMessage, *, sender: str, now: d
     mail["Date"] = format_datetime(now.astimezone(UTC))
     mail["Message-ID"] = message_id(action.action_id, domain)
     mail[ACTION_ID_HEADER] = action.action_id
+    mail[SMTPAPI_HEADER] = json.dumps(
+        {"unique_args": {ACTION_ARG: action.action_id, CUSTOMER_ARG: action.customer_id}},
+        separators=(",", ":"),
+    )
     if message.unsubscribe_url:
         mail["List-Unsubscribe"] = f"<{message.unsubscribe_url}>"
         mail["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
@@ -222,6 +234,7 @@ def build_smtp_transport(settings: Settings, renderer: Renderer) -> SmtpTranspor
 
 __all__ = [
     "ACTION_ID_HEADER",
+    "SMTPAPI_HEADER",
     "SmtpServer",
     "SmtpTransport",
     "build_email",

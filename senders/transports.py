@@ -14,7 +14,9 @@ from datetime import UTC, datetime
 from typing import Literal, Protocol
 
 import aiohttp
+import orjson
 
+from omnicue.feedback import ACTION_ARG, CUSTOMER_ARG, status_callback_url
 from schemas.actions import Action, mask_email, mask_phone, mask_secret
 from senders.render import RenderedMessage, TemplateError
 from senders.retry import is_retryable_status, parse_retry_after
@@ -86,12 +88,31 @@ class ConsoleTransport:
         return Accepted()
 
 
-def webhook_body(action: Action, message: RenderedMessage | None = None) -> bytes:
-    """The POST body: the action as in its contract (schemas/actions.py), and with a
-    renderer its rendered message under `message` (senders/render.py)."""
+def feedback_routing(action: Action, status_callback: str | None = None) -> dict[str, object]:
+    """What a provider must echo back for its delivery feedback to reach this action's
+    customer (omnicue/feedback.py): SendGrid custom args, and a Twilio StatusCallback
+    URL with the ids in its query when `status_callback` (the ingest's
+    `/v1/feedback/twilio`) is configured."""
+    return {
+        "custom_args": {ACTION_ARG: action.action_id, CUSTOMER_ARG: action.customer_id},
+        "status_callback": (
+            status_callback_url(status_callback, action.action_id, action.customer_id)
+            if status_callback else None
+        ),
+    }
+
+
+def webhook_body(
+    action: Action, message: RenderedMessage | None = None, status_callback: str | None = None
+) -> bytes:
+    """The POST body: the action as in its contract (schemas/actions.py), with a
+    renderer its rendered message under `message` (senders/render.py), and under
+    `feedback` what the provider is to echo back with its delivery feedback."""
     body = action.model_dump_json()
     if message is not None:
         body = f'{body[:-1]},"message":{message.model_dump_json()}}}'
+    routing = orjson.dumps(feedback_routing(action, status_callback)).decode()
+    body = f'{body[:-1]},"feedback":{routing}}}'
     return body.encode()
 
 
@@ -118,6 +139,7 @@ class WebhookTransport:
         timeout: float,
         connections: int,
         render: Callable[[Action], RenderedMessage] | None = None,
+        status_callback: str | None = None,
     ) -> None:
         if not secret:
             raise ValueError("the webhook transport needs OMNICUE_WEBHOOK_SECRET")
@@ -126,6 +148,7 @@ class WebhookTransport:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._connections = connections
         self._render = render
+        self._status_callback = status_callback
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -147,7 +170,7 @@ class WebhookTransport:
             message = self._render(action) if self._render is not None else None
         except TemplateError:
             return Rejected("template_error", retryable=False)
-        body = webhook_body(action, message)
+        body = webhook_body(action, message, self._status_callback)
         headers = {
             "Content-Type": "application/json",
             IDEMPOTENCY_HEADER: action.action_id,
@@ -188,6 +211,7 @@ __all__ = [
     "Transport",
     "TransportName",
     "WebhookTransport",
+    "feedback_routing",
     "format_action",
     "sign",
     "verify",

@@ -27,6 +27,7 @@ from omnicue.feedback import (
 )
 from omnicue.ingest import ProviderFeedback, build_app
 from omnicue.settings import Settings
+from schemas.actions import Recipient
 from schemas.events import MessageFeedback, event_from_dict
 from tests.omnicue.test_ingest import KEYS, MemoryPublisher, auth
 
@@ -349,3 +350,45 @@ def test_settings_check_the_sendgrid_key_at_start() -> None:
     assert providers.sendgrid_key is not None and providers.twilio_auth_token == TOKEN
     with pytest.raises(ValueError, match="SendGrid verification key"):
         Settings(feedback_sendgrid_public_key="not-a-key")
+
+
+# ------------------------------------------------- the ids round-trip through providers
+
+
+def test_the_ids_the_smtp_transport_sets_come_back_in_a_sendgrid_event() -> None:
+    from email import message_from_bytes
+
+    from senders.render import Renderer, RenderOptions
+    from senders.smtp import build_email, email_bytes
+    from tests.senders.harness import make_action
+
+    action = make_action("email", recipient=Recipient(email="kim@example.com"),
+                         category="transactional")
+    renderer = Renderer(options=RenderOptions(unsubscribe_url="https://u/{action_id}"))
+    raw = email_bytes(build_email(action, renderer.render(action), sender="S <s@shop.example>",
+                                  now=datetime.now(UTC)))
+    # SendGrid's SMTP relay reads the header and puts its unique args on every event.
+    args = orjson.loads(message_from_bytes(raw)["X-SMTPAPI"])["unique_args"]
+    mapped = sendgrid_event({"event": "open", "timestamp": 1764810000, **args}).event
+    assert mapped is not None
+    assert (mapped["customer_id"], mapped["properties"]["action_id"]) == (
+        action.customer_id, action.action_id
+    )
+
+
+def test_the_status_callback_in_the_webhook_body_comes_back_from_twilio() -> None:
+    from urllib.parse import parse_qsl, urlsplit
+
+    from senders.transports import webhook_body
+    from tests.senders.harness import make_action
+
+    action = make_action("sms")
+    body = orjson.loads(webhook_body(action, None, "https://in.example/v1/feedback/twilio"))
+    # The provider adapter sends the SMS with this StatusCallback; Twilio calls it.
+    callback = urlsplit(body["feedback"]["status_callback"])
+    mapped = twilio_event({"MessageStatus": "delivered"}, dict(parse_qsl(callback.query)),
+                          datetime.now(UTC)).event
+    assert mapped is not None
+    assert (mapped["customer_id"], mapped["properties"]["action_id"]) == (
+        action.customer_id, action.action_id
+    )

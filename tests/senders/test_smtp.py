@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
 import shutil
 import ssl
 import subprocess
@@ -97,6 +98,10 @@ async def test_an_email_is_multipart_text_and_html_with_the_rfc_8058_headers(
     assert envelope.rcpt_tos == ["kim@example.com"]
     assert message["Message-ID"] == "<act_1@shop.example>"
     assert message["X-Omnicue-Action-Id"] == "act_1"
+    # SendGrid's SMTP API unique args: its Event Webhook echoes them (omnicue/feedback.py).
+    assert json.loads(message["X-SMTPAPI"]) == {
+        "unique_args": {"omnicue_action_id": "act_1", "omnicue_customer_id": "c1"}
+    }
     assert message["From"] == "Shop <news@shop.example>"
     assert message["To"] == "kim@example.com"
     assert message["Subject"] == "(광고) 장바구니 상품, 쿠폰으로 더 가볍게"

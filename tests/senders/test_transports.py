@@ -91,7 +91,14 @@ async def test_posts_the_action_signed_with_its_idempotency_key(
     assert headers["Idempotency-Key"] == action.action_id
     assert headers["Content-Type"] == "application/json"
     assert body == webhook_body(action)
-    assert Action.model_validate(json.loads(body)) == action
+    sent = json.loads(body)
+    # What the provider echoes back with its delivery feedback (omnicue/feedback.py).
+    assert sent.pop("feedback") == {
+        "custom_args": {"omnicue_action_id": action.action_id,
+                        "omnicue_customer_id": action.customer_id},
+        "status_callback": None,
+    }
+    assert Action.model_validate(sent) == action
     assert headers["X-Omnicue-Signature"] == sign(body, SECRET)
     assert verify(body, SECRET, headers["X-Omnicue-Signature"])
     assert not verify(body + b" ", SECRET, headers["X-Omnicue-Signature"])

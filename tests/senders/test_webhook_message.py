@@ -19,12 +19,34 @@ def test_the_body_is_the_action_with_its_rendered_message() -> None:
     )
     body = json.loads(webhook_body(action, message))
     rendered = RenderedMessage.model_validate(body.pop("message"))
+    body.pop("feedback")
     assert Action.model_validate(body) == action
     assert rendered == message
     assert rendered.text.startswith("(광고) [Omnicue] 장바구니에")
     assert rendered.advertising
-    # Without a renderer the body is the action alone, as before.
-    assert json.loads(webhook_body(action)) == json.loads(action.model_dump_json())
+    # Without a renderer the body is the action and its feedback routing.
+    alone = json.loads(webhook_body(action))
+    alone.pop("feedback")
+    assert alone == json.loads(action.model_dump_json())
+
+
+def test_the_body_tells_the_provider_how_to_route_feedback_back() -> None:
+    action = make_action("sms")
+    callback = "https://ingest.example/v1/feedback/twilio"
+    body = json.loads(webhook_body(action, None, callback))
+    assert body["feedback"] == {
+        "custom_args": {"omnicue_action_id": action.action_id,
+                        "omnicue_customer_id": action.customer_id},
+        "status_callback": f"{callback}?action_id={action.action_id}"
+                           f"&customer_id={action.customer_id}",
+    }
+    settings = Settings(
+        sender_transport="webhook", sender_url="http://p/{channel}", webhook_secret="k",
+        sender_status_callback_url=callback,
+    )  # fmt: skip
+    transport = build_transport(settings, "sms")
+    assert isinstance(transport, WebhookTransport)
+    assert transport._status_callback == callback
 
 
 def test_the_runtime_gives_the_webhook_transport_the_renderer() -> None:
