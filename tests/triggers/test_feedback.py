@@ -296,3 +296,17 @@ def test_replay_takes_feedback_events_and_counts_unknown_actions() -> None:
     state = replayer.states["c1"]
     assert state.messages[action.action_id].engaged
     assert state.consents["push:marketing"] is False
+
+
+def test_the_explain_view_words_the_best_choice() -> None:
+    from triggers.explain import explanation
+
+    records = [("email", 100, d < 3) for d in range(4)] + [("push", 100, False) for _ in range(5)]
+    state = _history(*records)
+    _best(state, EnginePolicy())
+    [fired] = [d for d in explanation(state, RULES, T0)["decisions"] if d["outcome"] == "fired"]
+    assert fired["engagement"][0] == {"channel": "email", "engaged": 3, "messages": 4,
+                                      "rate": 0.75}
+    assert fired["text"].endswith(
+        "the best channel by engagement (email: 3 of 4 recent messages engaged; push: 0 of 5)"
+    )
