@@ -40,7 +40,6 @@ from schemas.events import (
     describe_validation_error,
     event_adapter,
 )
-from triggers.engine import EnginePolicy
 from triggers.replay import InvalidLine, Replayer, ReplayStats
 
 Format = Literal["jsonl", "rees46", "segment"]
@@ -501,6 +500,10 @@ class ReplaySummary:
             )
         if s.late or s.duplicates:
             lines.append(f"late events:       {s.late:,}; duplicates ignored: {s.duplicates:,}")
+        if s.unknown_actions:
+            # The live worker dead-letters these (`unknown_action`).
+            lines.append(f"unknown actions:   {s.unknown_actions:,} feedback events skipped (for "
+                         "actions this replay did not emit)")
         lines.append(f"journeys started:  {s.journeys_started:,}" + _inline(s.journeys_by_rule))
         lines.append(f"timers fired:      {s.timers_fired:,}")
         lines.append(f"decisions:         {sum(s.outcomes.values()):,}" + _inline(s.outcomes))
@@ -564,9 +567,7 @@ def run_replay(
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(REPLAY_FORMATS)}")
     err = stderr if stderr is not None else sys.stderr
     rules = load_rules(rules_path)
-    policy = EnginePolicy(
-        consent_policy=settings.consent_policy, default_timezone=settings.default_timezone
-    )
+    policy = settings.engine_policy()
     started = time.perf_counter()
     with ExitStack() as files:
         files.enter_context(gc_tuned())

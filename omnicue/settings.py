@@ -10,7 +10,7 @@ import hashlib
 import socket
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal, cast, get_args
+from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -18,6 +18,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.events import Channel
 from triggers.identity import DEFAULT_BLOCKED, IdentityPolicy
+
+if TYPE_CHECKING:
+    from triggers.engine import EnginePolicy
 
 
 class Settings(BaseSettings):
@@ -79,6 +82,11 @@ class Settings(BaseSettings):
     )
     identity_max_anonymous_ids: int = Field(
         100, ge=1, description="Anonymous ids a customer keeps linked (the oldest dropped)"
+    )
+    # `channel: best` (triggers/state.py, engagement_rates): a message's weight halves
+    # with every half-life of its age.
+    engagement_half_life_days: float = Field(
+        30.0, gt=0, description="Half-life, in days, of a message's weight in engagement"
     )
     sender_claim_ttl: int = Field(7 * 86_400, description="Seconds a sent action id is remembered")
     sender_metrics_port: int = Field(6067, description="Port of a sender's /metrics (0: off)")
@@ -202,6 +210,16 @@ class Settings(BaseSettings):
             blocked=DEFAULT_BLOCKED | extra,
             idle_window=timedelta(days=self.identity_idle_days),
             max_anonymous_ids=self.identity_max_anonymous_ids,
+        )
+
+    def engine_policy(self) -> EnginePolicy:
+        """The engine's policy from these settings: the worker's, replay's."""
+        from triggers.engine import EnginePolicy
+
+        return EnginePolicy(
+            consent_policy=self.consent_policy,
+            default_timezone=self.default_timezone,
+            engagement_half_life=timedelta(days=self.engagement_half_life_days),
         )
 
     @property

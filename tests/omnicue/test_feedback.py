@@ -392,3 +392,11 @@ def test_the_status_callback_in_the_webhook_body_comes_back_from_twilio() -> Non
     assert (mapped["customer_id"], mapped["properties"]["action_id"]) == (
         action.customer_id, action.action_id
     )
+
+
+def test_the_engagement_half_life_is_a_setting_of_the_engine_policy() -> None:
+    from datetime import timedelta
+
+    assert Settings().engine_policy().engagement_half_life == timedelta(days=30)
+    policy = Settings(engagement_half_life_days=7, consent_policy="opt_out").engine_policy()
+    assert (policy.engagement_half_life, policy.consent_policy) == (timedelta(days=7), "opt_out")

@@ -39,6 +39,7 @@ def test_a_bounce_in_the_log_makes_later_reminders_unreachable(tmp_path: Path) -
     assert result.exit_code == 0, result.output
     assert "events read:       7" in result.stdout
     assert "invalid lines:     0" in result.stdout
+    assert "unknown actions:   1 feedback events skipped" in result.stdout
     assert [a["action_id"] for a in lines(actions)] == [first]
     second = [d for d in lines(decisions) if d["journey_key"] == "k2"]
     assert [(d["outcome"], d.get("reason")) for d in second] == [("suppressed", "unreachable")]
