@@ -13,15 +13,13 @@ import orjson
 
 from schemas.events import event_from_dict
 from triggers.engine import TimerFired
-from triggers.linking import IdentityMessage, KeyInput, message_adapter
+from triggers.linking import KeyInput, decode_message, encode_message
+
+__all__ = ["decode_input", "encode_message", "encode_timer"]
 
 
 def encode_timer(due_at: datetime) -> bytes:
     return orjson.dumps({"timer_due_at": due_at.isoformat()})
-
-
-def encode_message(message: IdentityMessage) -> bytes:
-    return message_adapter.dump_json(message, exclude_defaults=True)
 
 
 def decode_input(raw: bytes) -> KeyInput:
@@ -31,5 +29,5 @@ def decode_input(raw: bytes) -> KeyInput:
         if due is not None:
             return TimerFired(due_at=datetime.fromisoformat(due))
         if "kind" in data:
-            return message_adapter.validate_python(data)
+            return decode_message(data)
     return event_from_dict(data)

@@ -199,6 +199,17 @@ IdentityMessage: TypeAlias = Annotated[
 ]
 message_adapter: TypeAdapter[IdentityMessage] = TypeAdapter(IdentityMessage)
 KeyInput: TypeAlias = Event | TimerFired | IdentityMessage
+
+
+def encode_message(message: IdentityMessage) -> bytes:
+    """The message as it travels on the per-customer topic (`kind` included)."""
+    return message_adapter.dump_json(message, exclude_none=True)
+
+
+def decode_message(raw: bytes | dict[str, object]) -> IdentityMessage:
+    if isinstance(raw, dict):
+        return message_adapter.validate_python(raw)
+    return message_adapter.validate_json(raw)
 MESSAGE_TYPES = (
     LinkRequest, Deliver, Forward, Retire, Unlink, Drop, Repoint, Claim, Claimed, Release, Note
 )

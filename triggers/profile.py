@@ -48,6 +48,8 @@ def customer_profile(state: CustomerState) -> dict[str, Any]:
             "email": mask_email(state.email) if state.email else None,
             "phone": mask_phone(state.phone) if state.phone else None,
             "push_tokens": [mask_secret(token) for token in state.push_tokens],
+            # Profiles merged into this one: linked anonymous ids, aliased customers.
+            "merged_profiles": list(state.merged_profiles),
         },
         "timezone": state.timezone,
         "locale": state.locale,

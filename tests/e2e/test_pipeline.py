@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,6 +21,7 @@ from omnicue.producer import EventProducer
 from omnicue.services import ManagedProcess
 from omnicue.settings import Settings
 from schemas import topics
+from schemas.actions import make_action_id
 from tests.e2e.conftest import write_rules
 from tests.e2e.harness import ROOT, TopicReader, scrape, settings_env, start_worker
 from tests.factories import event_dict
@@ -48,6 +53,61 @@ def journey(customer: str, *kinds: str) -> list[dict[str, Any]]:
         e["event_id"] = f"{customer}-{kind}"
         out.append(e)
     return out
+
+
+def anonymous_then_known(anonymous_id: str, customer: str, buys: bool) -> tuple[
+    list[dict[str, Any]], list[dict[str, Any]]
+]:
+    """Issue 11's defect: an anonymous visitor registers a device, consents and adds a
+    cart; then (the second list) identifies as `customer`, and, if `buys`, orders it."""
+    now = datetime.now(UTC).isoformat()
+    cart = f"cart-{customer}"
+    anon: dict[str, Any] = {"customer_id": None, "anonymous_id": anonymous_id, "occurred_at": now}
+    before = [
+        event_dict("device.registered", {"push_token": f"tok-{anonymous_id}",
+                                         "platform": "ios"}, channel="app", **anon),
+        event_dict("consent.updated", {"channel": "push", "category": "marketing",
+                                       "granted": True}, channel="app", **anon),
+        event_dict("consent.updated", {"channel": "email", "category": "marketing",
+                                       "granted": True}, channel="app", **anon),
+        event_dict("cart.item_added", {"cart_id": cart, "product_id": "p-7", "quantity": 1,
+                                       "price": 9_000}, channel="app", **anon),
+    ]
+    after = [event_dict("identify", {"traits": {"email": f"{customer}@example.com"}},
+                        customer_id=customer, anonymous_id=anonymous_id, occurred_at=now)]
+    if buys:
+        after.append(event_dict("order.completed", {"order_id": f"o-{customer}", "cart_id": cart,
+                                                    "value": 9_000, "currency": "KRW"},
+                                customer_id=customer, occurred_at=now))
+    else:
+        # After the link: an event with only the anonymous id, forwarded to the customer.
+        after.append(event_dict("product.viewed", {"product_id": "p-8"}, channel="app", **anon))
+    for n, e in enumerate(before + after):
+        e["event_id"] = f"{anonymous_id}-{n}"
+    return before, after
+
+
+def profile_view(port: int, profile: str) -> dict[str, Any] | None:
+    """GET /customers/{profile} (redirects followed); None on 404."""
+    url = f"http://127.0.0.1:{port}/customers/{urllib.parse.quote(profile, safe='')}"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            body: dict[str, Any] = json.loads(response.read())
+            return body
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return None
+        raise
+
+
+def wait_for_profile(port: int, profile: str, ready: Callable[[dict[str, Any]], bool]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        body = profile_view(port, profile)
+        if body is not None and ready(body):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"profile {profile} never got ready: {profile_view(port, profile)}")
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +143,27 @@ def run(make_settings: Callable[..., Settings], run_dir: Path) -> Iterator[dict[
             return len(step2) >= 3
 
         reader.wait_for(done, timeout=60)
+        # Anonymous visitors who sign in, once the worker is warm: their carts must be in
+        # the anonymous profiles before the links, well within the 4 s to step 1.
+        bought, merged = (anonymous_then_known("a-vis", "c-vis", buys=True),
+                          anonymous_then_known("a-two", "c-two", buys=False))
+        with EventProducer(settings) as producer:
+            for e in bought[0] + merged[0]:
+                producer.send(e)
+            producer.flush()
+            for anonymous_id in ("a-vis", "a-two"):
+                wait_for_profile(settings.web_port, f"anon:{anonymous_id}",
+                                 lambda body: bool(body["carts"]))
+            for e in bought[1] + merged[1]:
+                producer.send(e)
+            producer.flush()
+        published += bought[0] + merged[0] + bought[1] + merged[1]
+
+        def merged_done(records: list[Any]) -> bool:
+            return any(r.topic == topics.ACTIONS["email"] and r.key == b"c-two"
+                       and b'"step":2' in r.value for r in records)
+
+        reader.wait_for(merged_done, timeout=60)
         reader.settle(2)
         yield {"reader": reader, "worker": worker, "settings": settings, "events": published,
                "dir": run_dir}
@@ -161,13 +242,52 @@ def test_invalid_events_go_to_the_dead_letter_topic_and_processing_continues(
     assert len(actions_of(run, "c-after")) == 2
 
 
+def test_a_cart_bought_after_signing_in_gets_no_reminder_to_anyone(run: dict[str, Any]) -> None:
+    """Issue 11's defect, through the live pipeline: before identity resolution the
+    order went to c-vis and a cart reminder to `anon:a-vis` for the bought cart."""
+    assert actions_of(run, "c-vis") == [] and actions_of(run, "anon:a-vis") == []
+    decisions = decisions_of(run, "c-vis")
+    assert [(d["outcome"], d["reason"]) for d in decisions] == [
+        ("identity", "identity_merged"), ("cancelled", "purchased")
+    ]
+    assert decisions[0]["profile"] == "anon:a-vis" and decisions[0]["journeys_carried"] == 1
+
+
+def test_a_journey_started_anonymously_reaches_the_customer_it_became(
+    run: dict[str, Any],
+) -> None:
+    actions = actions_of(run, "c-two")
+    assert [(a["step"], a["channel"]) for a in actions] == [(1, "push"), (2, "email")]
+    # The anonymous device's token, the customer's email, the journey's own action ids.
+    assert actions[0]["recipient"]["push_token"] == "tok-a-two"
+    assert actions[1]["recipient"]["email"] == "c-two@example.com"
+    assert [a["action_id"] for a in actions] == [
+        make_action_id("cart_abandonment", "anon:a-two", "a-two-3", step) for step in (1, 2)
+    ]
+    assert actions_of(run, "anon:a-two") == []
+
+
+def test_a_linked_anonymous_id_looks_up_the_customer(run: dict[str, Any]) -> None:
+    port = run["settings"].web_port
+    for asked in ("anon:a-two", "a-two", "c-two"):
+        body = profile_view(port, asked)
+        assert body is not None and body["customer_id"] == "c-two", asked
+    body = profile_view(port, "c-two")
+    assert body is not None
+    # The event with only the anonymous id, sent after the link, reached the customer.
+    assert "a-two-5" in body["recent_event_ids"]
+    assert body["identifiers"]["merged_profiles"] == ["anon:a-two"]
+
+
 def test_metrics_count_what_happened(run: dict[str, Any]) -> None:
     m = scrape(run["settings"].web_port)
     assert m["omnicue_events_invalid_total{reason=json}"] == 1
     assert m["omnicue_events_invalid_total{reason=schema}"] == 1
-    assert m["omnicue_events_consumed_total{type=cart.item_added}"] == 5
-    assert m["omnicue_actions_total{channel=push,rule=cart_abandonment}"] == 1
-    assert m["omnicue_decisions_total{outcome=cancelled,reason=purchased}"] == 1
+    assert m["omnicue_events_consumed_total{type=cart.item_added}"] == 7
+    assert m["omnicue_actions_total{channel=push,rule=cart_abandonment}"] == 2
+    assert m["omnicue_decisions_total{outcome=cancelled,reason=purchased}"] == 2
+    assert m["omnicue_decisions_total{outcome=identity,reason=identity_merged}"] == 2
+    assert m["omnicue_identity_messages_total{kind=link_request}"] == 2
     assert m["omnicue_decisions_total{outcome=suppressed,reason=unreachable}"] == 2
     assert m["omnicue_timer_lateness_seconds_count"] >= 1
     assert m["omnicue_timers_pending"] == 0

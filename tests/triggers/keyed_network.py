@@ -16,7 +16,14 @@ from schemas.decisions import Decision
 from schemas.events import Event, event_adapter
 from triggers.engine import EnginePolicy, TimerFired
 from triggers.identity import IdentityPolicy
-from triggers.linking import IdentityEntry, KeyInput, message_adapter, process, route_key
+from triggers.linking import (
+    IdentityEntry,
+    KeyInput,
+    decode_message,
+    encode_message,
+    process,
+    route_key,
+)
 from triggers.ruleset import RuleSet
 from triggers.state import CustomerState
 
@@ -67,7 +74,7 @@ class KeyedNetwork:
                 self.decisions += out.decisions
             for target, message in done.sends:
                 self.delivered[message.kind] = self.delivered.get(message.kind, 0) + 1
-                decoded = message_adapter.validate_json(message_adapter.dump_json(message))
+                decoded = decode_message(encode_message(message))
                 queue.append((target, decoded))
                 if self.duplicate:
                     queue.append((target, decoded))

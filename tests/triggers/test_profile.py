@@ -46,6 +46,7 @@ def test_the_profile_shows_identifiers_channels_carts_orders_and_activity() -> N
         "email": "l**@example.com",
         "phone": "*********5678",
         "push_tokens": ["fcm-…"],
+        "merged_profiles": [],
     }
     assert profile["traits"] == {"tier": "gold"} and profile["timezone"] == "Asia/Seoul"
     assert profile["channels"]["email"] == {
