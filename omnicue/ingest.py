@@ -359,8 +359,10 @@ class Ingest:
             return body
         form = await request.post()
         params = [(name, value) for name, value in form.items() if isinstance(value, str)]
-        base = self._providers.public_url
-        url = base.rstrip("/") + request.path_qs if base else str(request.url)
+        # The path and query exactly as requested (raw_path: not re-encoded), after the
+        # public base when a proxy in front changes scheme, host or prefix.
+        base = self._providers.public_url or f"{request.scheme}://{request.host}"
+        url = base.rstrip("/") + request.raw_path
         if not verify_twilio(token, url, params, request.headers.get(TWILIO_SIGNATURE)):
             return _json_error(403, "bad_signature",
                                f"{TWILIO_SIGNATURE} does not verify for {url}")  # fmt: skip

@@ -265,7 +265,8 @@ def twilio_form(status: str, error: str | None = None) -> dict[str, str]:
 
 async def post_twilio(client: TestClient[Any, Any], form: dict[str, str],
                       token: str = TOKEN) -> Any:
-    path = "/v1/feedback/twilio?" + urlencode({"action_id": "act_1", "customer_id": "c 1"})
+    # Encoded as Twilio keeps it: the signature covers these exact bytes.
+    path = "/v1/feedback/twilio?" + urlencode({"action_id": "act_1", "customer_id": "c 1/x"})
     url = str(client.make_url(path))
     signature = twilio_signature(token, url, form.items())
     return await client.post(path, data=form, headers={"X-Twilio-Signature": signature})
@@ -289,7 +290,8 @@ async def test_twilio_status_callbacks_signed_are_mapped_and_published(
     assert response.status == 200
     [published] = [event_from_dict(e) for e in publisher.events()]
     assert isinstance(published, MessageFeedback)
-    assert (published.type, published.channel, published.customer_id) == (expected, "sms", "c 1")
+    assert (published.type, published.channel, published.customer_id) == (expected, "sms",
+                                                                           "c 1/x")
     assert published.properties.action_id == "act_1"
     assert published.properties.reason == reason
     assert published.event_id == f"fb-{expected.removeprefix('message.')}-act_1"
