@@ -411,9 +411,12 @@ def _replay_one_partition(
         typer.echo(f"--partition: {exc}", err=True)
         return 2
     try:
-        groups = identity_prepass(events, cast("Format", fmt), channel)
+        settings = _settings()
+        groups = identity_prepass(
+            events, cast("Format", fmt), channel, settings.identity_policy()
+        )
         result = replay_partition(
-            events, cast("Format", fmt), spec, groups, out, rules, horizon, _settings(),
+            events, cast("Format", fmt), spec, groups, out, rules, horizon, settings,
             synthetic_contacts=synthetic_contacts, segment_channel=channel,
         )  # fmt: skip
     except RulesError as exc:

@@ -67,7 +67,6 @@ from omnicue.replay import (
 from omnicue.rules import load_rules
 from omnicue.settings import Settings
 from schemas.events import Channel, Event, describe_validation_error, event_adapter
-from triggers.engine import EnginePolicy
 from triggers.identity import (
     ANONYMOUS_PREFIX,
     IdentityPolicy,
@@ -479,10 +478,10 @@ def replay_partition(
     `order-key<TAB>json`) and `.stats.json` into `out_dir`."""
     err = stderr if stderr is not None else sys.stderr
     rules = load_rules(rules_path)
-    policy = EnginePolicy(
-        consent_policy=settings.consent_policy, default_timezone=settings.default_timezone
-    )
-    replayer = Replayer(rules, policy, timedelta(seconds=settings.allowed_lateness))
+    replayer = Replayer(
+        rules, settings.engine_policy(), timedelta(seconds=settings.allowed_lateness),
+        identity_policy=settings.identity_policy(),
+    )  # fmt: skip
     router = _Router(spec, groups)
     clock = _Clock()
     reported = 0
@@ -750,7 +749,7 @@ def run_partitioned(
             first = stream.readline().decode("utf-8-sig", errors="replace")
         Rees46Reader.check_header(next(csv.reader([first]), None) if first.strip() else None)
     started = time.perf_counter()
-    groups = identity_prepass(events_path, fmt, segment_channel)
+    groups = identity_prepass(events_path, fmt, segment_channel, settings.identity_policy())
     count = settings.partitions
     specs = [
         PartitionSpec(frozenset(p for p in range(count) if p % workers == w), count)

@@ -596,7 +596,10 @@ def run_replay(
         else:
             items = read_jsonl(raw, on_invalid=console.invalid, on_line=console.tick)
         # The live workers' lateness, so that a backtest agrees with them when behind.
-        replayer = Replayer(rules, policy, timedelta(seconds=settings.allowed_lateness))
+        replayer = Replayer(
+            rules, policy, timedelta(seconds=settings.allowed_lateness),
+            identity_policy=settings.identity_policy(),
+        )  # fmt: skip
         write_action = actions_file.write
         for output in replayer.run(items, until):
             for action in output.actions:

@@ -128,10 +128,7 @@ def create_app(
         customers=declare_customer_table(app, settings.partitions),
         identities=declare_identity_table(app, settings.partitions),
         rules=rules,
-        policy=EnginePolicy(
-            consent_policy=settings.consent_policy,
-            default_timezone=settings.default_timezone,
-        ),
+        policy=settings.engine_policy(),
         metrics=metrics or WorkerMetrics(),
         sender=RecordSender(settings),
         progress=consumer_progress(

@@ -25,7 +25,7 @@ from streams.outbox import Outbox
 from triggers import linking
 from triggers.engine import Output, TimerFired
 from triggers.linking import IdentityEntry, IdentityMessage, KeyInput
-from triggers.state import CustomerState
+from triggers.state import CustomerState, UnknownAction
 
 if TYPE_CHECKING:
     from streams.app import Pipeline
@@ -225,7 +225,10 @@ def _fail(
     p: Pipeline, event: EventT[bytes], outbox: Outbox, exc: Exception, key: bytes
 ) -> None:
     log.error("cannot process input for customer %r", key, exc_info=exc)
-    dead_letter(p, event, outbox, "decide", type(exc).__name__, describe_validation_error(exc))
+    # Feedback for an action this customer never got: `omnicue dlq replay --reason
+    # unknown_action` brings it back once the action's state is there.
+    reason = "unknown_action" if isinstance(exc, UnknownAction) else type(exc).__name__
+    dead_letter(p, event, outbox, "decide", reason, describe_validation_error(exc))
 
 
 def emit(p: Pipeline, key: bytes, out: Output, outbox: Outbox, arrived: float) -> None:

@@ -39,6 +39,7 @@ from triggers.state import (
     CustomerState,
     Engagement,
     Journey,
+    merge_messages,
 )
 
 IdentifierKind = Literal["email", "phone"]
@@ -155,6 +156,8 @@ def needs_resolution(identity: IdentityMap, event: Event) -> bool:
     no anonymous id, or one linked to that customer already."""
     if event.type in _IDENTITY_TYPES or identity.aliases:
         return True
+    if event.customer_id is not None and event.customer_id.startswith(ANONYMOUS_PREFIX):
+        return True  # feedback for an anonymous profile's message: it may be merged
     anonymous_id = event.anonymous_id
     if anonymous_id is None:
         return False
@@ -256,9 +259,14 @@ def resolve(
     """
     plan = _Plan(identity, event, now)
     customer = usable(event.customer_id, policy)
+    anonymous = usable(event.anonymous_id, policy)
+    if customer is not None and customer.startswith(ANONYMOUS_PREFIX) and "#" not in customer:
+        # An anonymous profile's key as the customer id (feedback on a message sent to
+        # it): that anonymous id's events, wherever they go now.
+        anonymous = anonymous or customer[len(ANONYMOUS_PREFIX) :]
+        customer = None
     if customer is not None:
         customer = canonical(identity, customer)
-    anonymous = usable(event.anonymous_id, policy)
     if customer is not None:
         if isinstance(event, Alias):
             previous = usable(event.properties.previous_id, policy)
@@ -503,6 +511,10 @@ def merge_profiles(
         occurrences=_merge_occurrences(a.occurrences, b.occurrences),
         sent_log=list(heapq.merge(a.sent_log, b.sent_log, key=lambda r: r.at)),
         engagement=_merge_engagement(a.engagement, b.engagement),
+        # Both profiles' messages, so feedback for one sent before the link is known.
+        messages=merge_messages(a.messages, b.messages),
+        # A bounced address blocks only while it is the current one.
+        bounced={**a.bounced, **b.bounced},
         # The target's last: `remember_event` trims from the front.
         recent_event_ids=_recent_ids(a.recent_event_ids, b.recent_event_ids),
         recent_decisions=sorted(

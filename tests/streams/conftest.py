@@ -69,6 +69,10 @@ class Shell:
     def keys(self, topic: str) -> list[bytes | None]:
         return [key for name, key, _, _, _ in self.sender.records if name == topic]
 
+    def sent(self, topic: str) -> list[tuple[bytes | None, bytes]]:
+        """(key, value) of what was sent to `topic`, in order."""
+        return [(key, value) for name, key, value, _, _ in self.sender.records if name == topic]
+
 
 def caught_up_progress(lateness: timedelta = timedelta(0)) -> Progress:
     return Progress(

@@ -107,3 +107,54 @@ async def test_an_input_the_engine_cannot_read_goes_to_the_dead_letters(shell: S
     assert shell.keys(topics.EVENTS_DLQ) == [C1]
     # The next input of the same customer was still processed.
     assert state_of(shell).email == "kim@example.com"
+
+
+async def test_feedback_for_an_action_never_emitted_is_dead_lettered_as_unknown_action(
+    shell: Shell,
+) -> None:
+    agent = shell.pipeline.app.agents["omnicue.customers"]
+    async with agent.test_context() as customers:
+        await customers.put(CART_START[0], key=C1)
+        await customers.put(raw("message.opened", {"action_id": "act_never"}, "f1"), key=C1)
+        await settle()
+    [letter] = shell.headers(topics.EVENTS_DLQ)
+    assert (letter["omnicue.error.stage"], letter["omnicue.error.class"]) == (
+        b"decide", b"unknown_action"
+    )
+    assert state_of(shell).email == "kim@example.com"
+
+
+async def test_a_link_parks_the_customer_until_its_anonymous_profile_comes_back(
+    shell: Shell,
+) -> None:
+    """Through the stage: the identify asks `anon:a-1`, which sends its cart back; the
+    order parked behind the identify then cancels that cart's journey."""
+    anon = orjson.dumps(event_dict("cart.item_added", {"cart_id": "K", "product_id": "p",
+                                                        "price": 5.0}, customer_id=None,
+                                   anonymous_id="a-1", at=T0, event_id="a1"))
+    link = orjson.dumps(event_dict("identify", {}, customer_id="c1", anonymous_id="a-1",
+                                   at=T0, event_id="l1"))
+    buy = raw("order.completed", {"order_id": "o", "cart_id": "K", "value": 5.0,
+                                  "currency": "KRW"}, "o1")
+    agent = shell.pipeline.app.agents["omnicue.customers"]
+    async with agent.test_context() as customers:
+        await customers.put(anon, key=b"anon:a-1")
+        await customers.put(link, key=C1)
+        await customers.put(buy, key=C1)
+        await settle()
+        entry = shell.pipeline.identities.get(C1)
+        assert entry is not None and b'"pending"' in entry  # parked, waiting
+        # What the stage sent to the device's key comes back in, as the topic would.
+        for key, value in shell.sent(topics.CUSTOMER_INPUTS):
+            await customers.put(value, key=key)
+        await settle()
+        for key, value in shell.sent(topics.CUSTOMER_INPUTS)[1:]:
+            await customers.put(value, key=key)
+        await settle()
+    assert shell.pipeline.customers.get(b"anon:a-1") is None
+    state = state_of(shell)
+    assert state.merged_profiles == ["anon:a-1"] and state.order_count == 1
+    decided = [orjson.loads(v) for k, v in shell.sent(topics.DECISIONS) if k == C1]
+    assert [(d["outcome"], d.get("reason")) for d in decided] == [
+        ("identity", "identity_merged"), ("cancelled", "purchased")
+    ]

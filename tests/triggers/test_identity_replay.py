@@ -6,18 +6,20 @@ from datetime import timedelta
 from typing import Any
 
 from schemas.actions import make_action_id
-from schemas.events import Event
+from schemas.events import Event, event_from_dict
 from tests.factories import (
     CART_RULE,
     T0,
     cart_add,
     consent,
     device,
+    event_dict,
     identify,
     minutes,
     order,
     ruleset,
 )
+from tests.triggers.keyed_network import KeyedNetwork
 from triggers.engine import EnginePolicy
 from triggers.identity import IdentityPolicy
 from triggers.replay import Replayer, ReplayOutput
@@ -149,3 +151,35 @@ def test_a_shared_devices_later_anonymous_events_go_to_its_new_anonymous_profile
     list(replayer.run(log))
     assert set(replayer.states) == {"c-9", "c-7", "anon:a-1#1"}
     assert set(replayer.states["anon:a-1#1"].carts) == {"K"}
+
+
+def anonymous_push_then_link() -> tuple[list[Event], Event]:
+    """Step 1 of a cart journey is pushed to `anon:a-1`; then a-1 signs in as c-9; the
+    open of that push comes back addressed to the anonymous profile (the action's)."""
+    anon: dict[str, Any] = {"customer_id": None, "anonymous_id": "a-1"}
+    log = [
+        device("tok-a1", at=T0, **anon),
+        consent("push", at=T0, **anon),
+        cart_add("K", at=T0, **anon),
+        identify("kim@example.com", customer_id="c-9", anonymous_id="a-1", at=T0 + minutes(45)),
+    ]
+    pushed = make_action_id("cart_abandonment", "anon:a-1", log[2].event_id, 1)
+    opened = event_from_dict(event_dict(
+        "message.opened", {"action_id": pushed}, customer_id="anon:a-1", channel="push",
+        at=T0 + minutes(50),
+    ))  # fmt: skip
+    return log, opened
+
+
+def test_feedback_on_a_message_sent_before_the_link_reaches_the_customer() -> None:
+    log, opened = anonymous_push_then_link()
+    replayer = Replayer(RULES, POLICY)
+    list(replayer.run([*log, opened]))
+    assert replayer.stats.unknown_actions == 0
+    assert set(replayer.states) == {"c-9"}
+    assert replayer.states["c-9"].engagement["push"].engaged == 1
+    network = KeyedNetwork(RULES, POLICY)
+    for event in [*log, opened]:
+        network.publish(event)
+    assert network.states["c-9"].engagement["push"].engaged == 1
+    assert network.delivered["forward"] == 1
