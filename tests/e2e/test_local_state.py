@@ -100,8 +100,12 @@ def test_worker_restarted_against_a_fresh_broker_restores_from_the_changelog(
         reader = TopicReader(settings.bootstrap_servers[0], [*topics.ACTIONS.values()])
         try:
             warnings = [line for line in worker.log_text().splitlines() if DISCARDED in line]
-            assert len(warnings) == len(stale), warnings
-            assert all(str(path) in line for path, line in zip(stale, warnings, strict=True))
+            # The customer's state partition, and the identity table's partitions that
+            # the identify's email claim wrote to (those of offset 0 faust cannot tell).
+            assert all(any(str(path) in line for line in warnings) for path in stale), warnings
+            assert all("customers-changelog" in line or "identity-changelog" in line
+                       for line in warnings), warnings
+            assert bool(warnings) == bool(stale), warnings
             # The changelog is the truth: the old broker's state is gone with it.
             assert not has_state(settings.web_port, customer)
 
