@@ -266,6 +266,9 @@ def figures(report: Report) -> list[tuple[str, str, Any]]:
         go.Scatter(x=days, y=[d.attributed_conversions for d in report.daily], name="attributed"),
         secondary_y=True,
     )
+    # Days as labels: on a date axis one day's bar fills the plot, ticked in hours.
+    over_time.update_xaxes(type="category")
+    over_time.update_yaxes(rangemode="tozero")
     charts.append(("chart-over-time", "Actions and conversions per day (UTC)", over_time))
 
     top = list(reversed(report.paths[:15]))
