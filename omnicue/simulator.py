@@ -100,6 +100,8 @@ CONSENT_ODDS: dict[ActionChannel, tuple[float, float]] = {
 }
 # Journey outcomes once a cart exists.
 P_BROWSE_ONLY = 0.2
+# Of first visits on the web: browsing anonymously before signing up.
+P_ANONYMOUS_FIRST = 0.5
 P_PURCHASE = 0.35
 P_CHECKOUT_ABANDONED = 0.1
 P_EMPTIED = 0.15
@@ -188,6 +190,8 @@ class _Journey:
     customer: Customer
     at: datetime
     events: list[dict[str, Any]] = field(default_factory=list)
+    # Before sign-up on the web: the cookie only, no customer id yet.
+    anonymous: bool = False
 
     def add(self, type_: str, channel: str, properties: dict[str, Any]) -> dict[str, Any]:
         if self.events:
@@ -203,6 +207,8 @@ class _Journey:
         if channel == "web":
             # The browser cookie: real web trackers send it alongside the login id.
             event["anonymous_id"] = self.customer.browser_id
+            if self.anonymous:
+                del event["customer_id"]
         self.events.append(event)
         return event
 
@@ -221,6 +227,13 @@ def generate_journey(rng: random.Random, customer: Customer, now: datetime) -> l
     device = "app" if c.app_user and rng.random() < 0.7 else "web"
 
     if c.first_visit:
+        if device == "web" and rng.random() < P_ANONYMOUS_FIRST:
+            # Browses anonymously, then signs up: the identify carries both ids, which
+            # links the cookie's profile to the customer (README, "Identity").
+            j.anonymous = True
+            for product in rng.sample(CATALOG, rng.randint(1, 3)):
+                j.add("product.viewed", device, _viewed(product))
+            j.anonymous = False
         traits: dict[str, Any] = {"timezone": c.timezone, "locale": c.locale}
         if c.email is not None:
             traits["email"] = c.email
@@ -244,21 +257,17 @@ def generate_journey(rng: random.Random, customer: Customer, now: datetime) -> l
 
     viewed = rng.sample(CATALOG, rng.randint(1, 5))
     for product in viewed:
-        j.add(
-            "product.viewed",
-            device,
-            {
-                "product_id": product.product_id,
-                "price": product.price,
-                "category": product.category,
-            },
-        )
+        j.add("product.viewed", device, _viewed(product))
 
     if rng.random() >= P_BROWSE_ONLY:
         _cart(j, device, viewed)
     if rng.random() < P_STORE_VISIT:
         _store_visit(j)
     return j.events
+
+
+def _viewed(product: Product) -> dict[str, Any]:
+    return {"product_id": product.product_id, "price": product.price, "category": product.category}
 
 
 def _cart(j: _Journey, device: str, viewed: list[Product]) -> None:
