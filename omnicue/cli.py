@@ -121,6 +121,22 @@ def ingest(
     run_ingest(settings.model_copy(update=updates) if updates else settings)
 
 
+@app.command("webhook-catcher")
+def webhook_catcher(
+    directory: Annotated[Path, typer.Option("--dir", help="Where messages are written")] = Path(
+        "webhooks"
+    ),
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8099,
+) -> None:
+    """A local webhook provider: writes each message it gets to DIR/<channel>/<key>.json
+    (once per Idempotency-Key), checking signatures when OMNICUE_WEBHOOK_SECRET is set."""
+    from senders.webhook_catcher import run_catcher
+
+    secret = _settings().webhook_secret
+    run_catcher(host, port, directory, secret.get_secret_value() if secret else None)
+
+
 @app.command()
 def send(
     channel: Annotated[str, typer.Option(help="push, email, sms or kakao")],

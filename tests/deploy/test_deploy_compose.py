@@ -330,3 +330,15 @@ def test_compose_cli_config(profiles: list[str]) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_senders_deliver_by_webhook_to_the_catcher_unless_configured(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    env = services["sender-email"]["environment"]
+    assert env["OMNICUE_SENDER_TRANSPORT"] == "${OMNICUE_SENDER_TRANSPORT:-webhook}"
+    assert env["OMNICUE_SENDER_URL"].endswith(":-http://webhook-catcher:8099/{channel}}")
+    assert env["OMNICUE_WEBHOOK_SECRET"].startswith("${OMNICUE_WEBHOOK_SECRET:-")
+    catcher = services["webhook-catcher"]
+    assert command_of(catcher)[:2] == ["omnicue", "webhook-catcher"]
+    assert "8099" in [str(port) for port in catcher.get("expose", [])]
