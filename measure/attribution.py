@@ -66,6 +66,14 @@ def attribute(
     return [Attributed(c, index.within(c.customer_id, c.at - lookback, c.at)) for c in conversions]
 
 
+def attribute_one(
+    conversion: Conversion, touches: Iterable[Touch], lookback: timedelta = DEFAULT_LOOKBACK
+) -> Attributed:
+    """One conversion with its touches in the lookback, from its customer's touches
+    (the live shell's: those in customer state), exactly as `attribute` finds them."""
+    return attribute([conversion], TouchIndex(touches), lookback)[0]
+
+
 # ------------------------------------------------------------- per-conversion models
 
 
@@ -115,6 +123,10 @@ def credits(
     }
     return by_count[model](n)
 
+
+# The models that credit each conversion on its own (all but `data_driven`, which needs
+# the whole period): the live attribution records carry these.
+PER_CONVERSION_MODELS = tuple(m for m in MODELS if m != "data_driven")
 
 ChannelCredit = dict[str, tuple[float, float]]
 
@@ -251,9 +263,7 @@ def all_models(
 ) -> dict[str, ChannelCredit]:
     """model -> channel -> (conversions, revenue), for every model of `MODELS`."""
     result = {
-        model: credit_by_channel(attributed, model, half_life)
-        for model in MODELS
-        if model != "data_driven"
+        model: credit_by_channel(attributed, model, half_life) for model in PER_CONVERSION_MODELS
     }
     result["data_driven"] = data_driven(attributed, index, lookback)
     return {model: result[model] for model in MODELS}

@@ -99,14 +99,56 @@ _STAGES = {
 }
 
 
+def with_feedback(touch: Touch, feedback: Iterable[tuple[str, datetime]]) -> Touch | None:
+    """The touch after its feedback (`(type, occurred_at)` pairs, in any order): None
+    when a `message.failed` came that no later `delivered`, `opened` or `clicked`
+    overrides (a retry that went through); else with the funnel flags those set.
+
+    The one definition of what feedback does to a touch: `touches_from` (offline) and
+    the customer agent (live, over the feedback kept in customer state) both use it.
+    """
+    failed_at: datetime | None = None
+    reached_at: datetime | None = None
+    delivered, opened, clicked, unsubscribed = (
+        touch.delivered,
+        touch.opened,
+        touch.clicked,
+        touch.unsubscribed,
+    )
+    for kind, at in feedback:
+        if kind == "message.failed":
+            failed_at = at if failed_at is None else max(at, failed_at)
+            continue
+        stages = _STAGES.get(kind, ())
+        if stages:
+            if stages != ("unsubscribed",):
+                reached_at = at if reached_at is None else max(at, reached_at)
+            delivered = delivered or "delivered" in stages
+            opened = opened or "opened" in stages
+            clicked = clicked or "clicked" in stages
+            unsubscribed = unsubscribed or "unsubscribed" in stages
+    if failed_at is not None and (reached_at is None or reached_at < failed_at):
+        return None
+    if (delivered, opened, clicked, unsubscribed) == (
+        touch.delivered,
+        touch.opened,
+        touch.clicked,
+        touch.unsubscribed,
+    ):
+        return touch
+    return replace(
+        touch, delivered=delivered, opened=opened, clicked=clicked, unsubscribed=unsubscribed
+    )
+
+
 def touches_from(
     actions: Iterable[Action],
     feedback: Iterable[MessageFeedback],
     links: Mapping[str, str] | None = None,
 ) -> list[Touch]:
-    """Every action as a touch at `created_at`, less those with a `message.failed`
-    that no later `delivered`, `opened` or `clicked` overrides (a retry that went
-    through).
+    """Every action as a touch at `created_at`, after its feedback (`with_feedback`):
+    less those with a `message.failed` that no later `delivered`, `opened` or
+    `clicked` overrides.
 
     Actions repeated with the same id (a redelivery) are one touch. Feedback for an
     action not in `actions` is ignored.
@@ -123,37 +165,13 @@ def touches_from(
                 at=action.created_at,
                 variant=action.variant,
             )
-    failed_at: dict[str, datetime] = {}
-    reached_at: dict[str, datetime] = {}
+    by_action: dict[str, list[tuple[str, datetime]]] = {}
     for message in feedback:
         action_id = message.properties.action_id
-        touch = touches.get(action_id)
-        if touch is None:
-            continue
-        at = message.occurred_at
-        if message.type == "message.failed":
-            failed_at[action_id] = max(at, failed_at.get(action_id, at))
-            continue
-        stages = _STAGES.get(message.type, ())
-        if stages:
-            if stages != ("unsubscribed",):
-                reached_at[action_id] = max(at, reached_at.get(action_id, at))
-            touches[action_id] = replace(
-                touch,
-                delivered=touch.delivered or "delivered" in stages,
-                opened=touch.opened or "opened" in stages,
-                clicked=touch.clicked or "clicked" in stages,
-                unsubscribed=touch.unsubscribed or "unsubscribed" in stages,
-            )
-
-    def removed(action_id: str) -> bool:
-        failed = failed_at.get(action_id)
-        reached = reached_at.get(action_id)
-        return failed is not None and (reached is None or reached < failed)
-
-    return sorted(
-        (t for t in touches.values() if not removed(t.action_id)), key=lambda t: t.order_key
-    )
+        if action_id in touches:
+            by_action.setdefault(action_id, []).append((message.type, message.occurred_at))
+    kept = (with_feedback(t, by_action.get(t.action_id, ())) for t in touches.values())
+    return sorted((t for t in kept if t is not None), key=lambda t: t.order_key)
 
 
 def conversions_from(

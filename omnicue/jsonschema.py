@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from schemas.actions import Action
+from schemas.conversions import ConversionRecord
 from schemas.decisions import Decision
 from schemas.events import event_adapter
 from schemas.report import Report
@@ -25,6 +26,8 @@ def schemas() -> dict[str, dict[str, Any]]:
         "rules.schema.json": TypeAdapter(RulesFile).json_schema(mode="validation"),
         # What `omnicue report --json` writes.
         "report.schema.json": TypeAdapter(Report).json_schema(mode="serialization"),
+        # What the customer agent writes to omnicue.conversions.
+        "conversion.schema.json": TypeAdapter(ConversionRecord).json_schema(mode="serialization"),
     }
 
 
