@@ -97,6 +97,42 @@ class WorkerMetrics:
             buckets=(1, 5, 10, 50, 100, 250, 500, 1000, 2500),
             registry=r,
         )
+        # Campaign performance (issue 13, live): what the attribution records say.
+        self.conversions = Counter(
+            "omnicue_conversions",
+            "Conversions (orders) credited to touches, by the touch's rule and channel and "
+            "the attribution model (a conversion's credits under one model sum to 1)",
+            ["rule", "channel", "model"],
+            registry=r,
+        )
+        self.attributed_revenue = Counter(
+            "omnicue_attributed_revenue",
+            "Order value credited to touches (credit x value), by the touch's rule and "
+            "channel and the attribution model",
+            ["rule", "channel", "model"],
+            registry=r,
+        )
+        self.orders = Counter(
+            "omnicue_orders",
+            "Conversions (order.completed) applied, by whether a touch was in their "
+            "lookback (attributed true|false)",
+            ["attributed"],
+            registry=r,
+        )
+        self.holdout_entries = Counter(
+            "omnicue_holdout_entries",
+            "Journey starts of rules with a holdout (and `_global`), by rule and group "
+            "(treatment|control)",
+            ["rule", "group"],
+            registry=r,
+        )
+        self.holdout_conversions = Counter(
+            "omnicue_holdout_conversions",
+            "Conversions within a rule's conversion window after the customer's last "
+            "entry, by rule (and `_global`) and group (treatment|control)",
+            ["rule", "group"],
+            registry=r,
+        )
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -5,6 +5,8 @@ from __future__ import annotations
 EVENTS = "omnicue.events"
 EVENTS_DLQ = "omnicue.events.dlq"
 DECISIONS = "omnicue.decisions"
+# One attribution record per conversion (`schemas.conversions`), keyed by customer.
+CONVERSIONS = "omnicue.conversions"
 ACTION_CHANNELS = ("push", "email", "sms", "kakao")
 ACTIONS = {channel: f"omnicue.actions.{channel}" for channel in ACTION_CHANNELS}
 # A channel's senders hand an action that failed retryably here (with its next attempt's
@@ -17,4 +19,11 @@ RULES_KEY = b"rules"
 # worker owns each customer's state and sees its inputs in order.
 CUSTOMER_INPUTS = "omnicue.customer-inputs"
 
-PUBLIC_TOPICS = (EVENTS, EVENTS_DLQ, DECISIONS, *ACTIONS.values(), *SENDER_RETRIES.values())
+PUBLIC_TOPICS = (
+    EVENTS,
+    EVENTS_DLQ,
+    DECISIONS,
+    CONVERSIONS,
+    *ACTIONS.values(),
+    *SENDER_RETRIES.values(),
+)

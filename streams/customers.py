@@ -19,6 +19,7 @@ from faust.streams import _current_event
 from faust.types import EventT, StreamT
 
 from schemas.events import describe_validation_error
+from streams import conversions
 from streams.ingest import dead_letter
 from streams.inputs import decode_input, encode_message
 from streams.outbox import Outbox
@@ -251,4 +252,13 @@ def emit(p: Pipeline, key: bytes, out: Output, outbox: Outbox, arrived: float) -
         p.metrics.decisions.labels(
             outcome=decision.outcome, reason=decision.reason or "none"
         ).inc()
+    for rule_id, held_out in out.entered:
+        group = "control" if held_out else "treatment"
+        p.metrics.holdout_entries.labels(rule=rule_id, group=group).inc()
+    if out.conversion is not None:
+        # One attribution record per conversion, its id the order's event id: a
+        # redelivered order sends the same record again.
+        record = conversions.record_of(out.conversion, p.policy)
+        outbox.add(p.topics.conversions, key, record.model_dump_json().encode())
+        conversions.count(p.metrics, record)
 

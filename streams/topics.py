@@ -18,6 +18,7 @@ class Topics:
     customer_inputs: TopicT
     decisions: TopicT
     actions: dict[str, TopicT]
+    conversions: TopicT
 
 
 def partition_for(key: bytes, partitions: int) -> int:
@@ -48,4 +49,5 @@ def declare_topics(app: faust.App, partitions: int) -> Topics:
         customer_inputs=raw(names.CUSTOMER_INPUTS),
         decisions=raw(names.DECISIONS),
         actions={channel: raw(topic) for channel, topic in names.ACTIONS.items()},
+        conversions=raw(names.CONVERSIONS),
     )

@@ -20,7 +20,8 @@ from typing import Any
 
 from schemas.actions import Action, Recipient, make_action_id
 from schemas.decisions import ChannelEngagement, Decision
-from schemas.events import ActionChannel, Event, MessageFeedback, event_adapter
+from schemas.events import ActionChannel, Event, MessageFeedback, OrderCompleted, event_adapter
+from schemas.report import GLOBAL_LIFT
 from triggers.channels import ConsentPolicy, candidates, recipient
 from triggers.guards import cap_free_at, in_holdout, pick_variant, quiet_until
 from triggers.ruleset import CompiledCancel, CompiledRule, RuleSet
@@ -29,10 +30,12 @@ from triggers.state import (
     CustomerState,
     Journey,
     SentRecord,
+    TouchRecord,
     apply_event,
     check_feedback,
     engagement_rates,
     record_message,
+    record_touch,
     remember_event,
     split_slot,
 )
@@ -43,6 +46,9 @@ DEFAULT_JOURNEY_KEY = "customer"
 STEP_RETRY_FIRST = timedelta(minutes=1)
 STEP_RETRY_MAX = timedelta(hours=1)
 _ACTION_CHANNELS: tuple[ActionChannel, ...] = ("push", "email", "sms", "kakao")
+# Attribution's lookback (`measure.attribution.DEFAULT_LOOKBACK`, `omnicue report
+# --lookback`): how long customer state keeps emitted actions as touches.
+DEFAULT_TOUCH_LOOKBACK = timedelta(days=7)
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,8 @@ class EnginePolicy:
     # `channel: best`: a message's weight in its channel's engagement rate halves with
     # every half-life of its age (`triggers.state.engagement_rates`).
     engagement_half_life: timedelta = timedelta(days=30)
+    # Touches are kept this long for the attribution records (`CustomerState.touches`).
+    touch_lookback: timedelta = DEFAULT_TOUCH_LOOKBACK
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,34 @@ class TimerFired:
 
 
 Input = Event | TimerFired
+
+
+@dataclass(frozen=True, slots=True)
+class EntryAt:
+    """A customer's latest entry into a rule with a holdout (or into any marketing
+    rule, as `_global` when there is a global control group), for holdout lift."""
+
+    # A rule id, or `_global` (`schemas.report.GLOBAL_LIFT`).
+    rule_id: str
+    at: datetime
+    held_out: bool
+    # The rule's `conversion.within`; None: the report's default window.
+    within: timedelta | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Converted:
+    """An `order.completed` applied (a conversion): what the stream shell needs to
+    write its attribution record (`streams.conversions`)."""
+
+    event: OrderCompleted
+    # The customer the order was applied to (resolved: the state's key).
+    customer_id: str
+    # The customer's touches once the order was applied (copies), oldest first.
+    touches: tuple[TouchRecord, ...]
+    # The customer's entries before the order (one that the order starts is not
+    # converted by it).
+    entries: tuple[EntryAt, ...]
 
 
 @dataclass(slots=True)
@@ -79,6 +115,11 @@ class Output:
     effective_due: list[datetime] = field(default_factory=list)
     # (rule id, error) for each step evaluation that raised; the step retries later.
     step_errors: list[tuple[str, str]] = field(default_factory=list)
+    # Holdout entries of the journeys this input started: (rule id or `_global`,
+    # held out).
+    entered: list[tuple[str, bool]] = field(default_factory=list)
+    # The input was a conversion (an order applied): its attribution inputs.
+    conversion: Converted | None = None
 
 
 @dataclass
@@ -141,6 +182,7 @@ def evolve(
         out.applied = False
         return out
     else:
+        entries = _entries_of(state, rules) if type(item) is OrderCompleted else None
         apply_event(state, item)
         context = _LazyContext(state, item)
         if item.type in rules.cancelled_by:
@@ -148,6 +190,14 @@ def evolve(
         if item.type in rules.started_by:
             _start_journeys(state, item, context, rules, out, now)
         _run_due_steps(state, now, due_by, rules, policy, out)
+        if entries is not None:
+            assert type(item) is OrderCompleted
+            out.conversion = Converted(
+                event=item,
+                customer_id=state.customer_id,
+                touches=tuple(t.copy() for t in state.touches),
+                entries=entries,
+            )
     if state.sent_log:
         prune(state, rules, now)
     if state.rule_versions and len(state.journeys) < journeys_before:
@@ -408,6 +458,7 @@ def _start_journeys(
         state.last_started[rule.id] = anchor
         state.rule_versions.setdefault(rule.version, rule.definition)
         out.started.append(rule.id)
+        out.entered.extend(holdout_entries(rules, rule, state.customer_id))
         if definition.once:
             state.once_started.append(slot)
         due = anchor + rule.step_delays[0]
@@ -560,11 +611,13 @@ def _evaluate_step_safely(
     before = copy.copy(journey)
     sent, actions, decisions = len(state.sent_log), len(out.actions), len(out.decisions)
     messages = dict(state.messages)
+    touches = list(state.touches)
     try:
         _evaluate_step(state, slot, now, rules, policy, out)
     except Exception as exc:  # noqa: BLE001 - isolating one step is the point
         del state.sent_log[sent:], out.actions[actions:], out.effective_due[actions:]
         state.messages = messages
+        state.touches = touches
         del out.decisions[decisions:]
         before.failures += 1
         before.due_at = now + min(STEP_RETRY_FIRST * 2 ** (before.failures - 1), STEP_RETRY_MAX)
@@ -652,8 +705,49 @@ def _evaluate_step(
             return suppress("frequency_cap")
         options = allowed
     channel, to = options[0]
-    _fire(state, journey, compiled, channel, to, now, out, ranking)
+    _fire(state, journey, compiled, channel, to, now, out, ranking, policy.touch_lookback)
     _advance(state, slot, journey, compiled)
+
+
+def holdout_entries(rules: RuleSet, rule: CompiledRule, customer_id: str) -> list[tuple[str, bool]]:
+    """What a start of `rule` enters for holdout lift: (rule id or `_global`, held out).
+
+    As in the report's lift: a marketing rule with a holdout, unless the customer is in
+    the global control group (who is `_global`'s control instead); and `_global` for
+    every marketing rule when the policy has a global control group. The group is the
+    one the step's holdout check will find (`_holdout_group` is deterministic).
+    """
+    if rule.rule.category != "marketing":
+        return []
+    group = _holdout_group(rules, rule, customer_id)
+    entered = []
+    if rules.policy.holdout > 0:
+        entered.append((GLOBAL_LIFT, group == "global"))
+    if rule.rule.holdout > 0 and group != "global":
+        entered.append((rule.id, group is not None))
+    return entered
+
+
+def _entries_of(state: CustomerState, rules: RuleSet) -> tuple[EntryAt, ...]:
+    """The customer's latest entry per rule with a holdout (and `_global`: the latest
+    start of any marketing rule), from `last_started`."""
+    found: list[EntryAt] = []
+    latest_global: EntryAt | None = None
+    for rule_id, at in state.last_started.items():
+        rule = rules.by_id.get(rule_id)
+        if rule is None:
+            continue
+        conversion = rule.rule.conversion
+        for label, held_out in holdout_entries(rules, rule, state.customer_id):
+            if label == GLOBAL_LIFT:
+                if latest_global is None or at > latest_global.at:
+                    latest_global = EntryAt(GLOBAL_LIFT, at, held_out)
+            else:
+                within = conversion.within if conversion is not None else None
+                found.append(EntryAt(label, at, held_out, within))
+    if latest_global is not None:
+        found.append(latest_global)
+    return tuple(found)
 
 
 def _holdout_group(rules: RuleSet, rule: CompiledRule, customer_id: str) -> str | None:
@@ -697,6 +791,7 @@ def _fire(
     now: datetime,
     out: Output,
     ranking: list[ChannelEngagement] | None = None,
+    lookback: timedelta = DEFAULT_TOUCH_LOOKBACK,
 ) -> None:
     rule = compiled.rule
     step = rule.steps[journey.next_step - 1]
@@ -741,6 +836,8 @@ def _fire(
     )
     # Feedback events are checked against these (`UnknownAction`), transactional too.
     record_message(state, action_id, channel, now, to.email or to.phone or to.push_token)
+    # Every action is a touch, transactional too (`measure.touches`).
+    record_touch(state, action_id, channel, rule.id, now, journey.variant, lookback)
     if rule.category == "marketing":
         state.sent_log.append(SentRecord(at=now, channel=channel, rule_id=rule.id))
 

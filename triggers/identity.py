@@ -521,6 +521,7 @@ def merge_profiles(
             a.recent_decisions + b.recent_decisions, key=lambda d: d.decided_at
         )[-RECENT_DECISIONS:],
         merged_profiles=(b.merged_profiles + a.merged_profiles + [a.customer_id])[-remembered:],
+        touches=sorted(a.touches + b.touches, key=lambda t: (t.at, t.action_id)),
     )
     merged.consents, merged.consented_at = _merge_consents(a, b)
     return merged

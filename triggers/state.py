@@ -126,6 +126,29 @@ class MessageRecord:
 
 
 @dataclass(slots=True, kw_only=True)
+class TouchRecord:
+    """An emitted action as a touch for attribution (`measure.touches`), and the
+    feedback that came for it: `measure.touches.with_feedback` says what that feedback
+    makes of it (a `message.failed` removes it, unless a later delivery overrides)."""
+
+    __pydantic_config__: ClassVar[ConfigDict] = _NESTED
+    action_id: str
+    channel: str
+    rule_id: str
+    # The action's `created_at`.
+    at: datetime
+    variant: str | None = None
+    # (feedback event type, occurred_at), in the order applied.
+    feedback: list[tuple[str, datetime]] = field(default_factory=list)
+
+    def copy(self) -> TouchRecord:
+        return TouchRecord(
+            action_id=self.action_id, channel=self.channel, rule_id=self.rule_id, at=self.at,
+            variant=self.variant, feedback=list(self.feedback),
+        )  # fmt: skip
+
+
+@dataclass(slots=True, kw_only=True)
 class Journey:
     """One running instance of a rule for a customer (and key, e.g. one cart)."""
 
@@ -197,6 +220,10 @@ class CustomerState(BaseModel):
     # Profiles merged into this one (`triggers.identity`), so a merge applied again
     # (a link redelivered) changes nothing.
     merged_profiles: list[str] = Field(default_factory=list)
+    # The actions emitted in the last lookback (`EnginePolicy.touch_lookback`), oldest
+    # first (ties by action id), with their feedback: the touches a conversion's
+    # attribution record credits (`streams.conversions`).
+    touches: list[TouchRecord] = Field(default_factory=list)
 
     def next_due(self) -> datetime | None:
         """When this customer next needs the timer (None: no pending step)."""
@@ -351,6 +378,30 @@ def record_message(
             del messages[old]
 
 
+def record_touch(
+    state: CustomerState,
+    action_id: str,
+    channel: str,
+    rule_id: str,
+    at: datetime,
+    variant: str | None,
+    lookback: timedelta,
+) -> None:
+    """Remember an emitted action as a touch, forgetting touches older than `lookback`
+    before `at` (no conversion applied from now on can credit them)."""
+    touches = state.touches
+    if any(t.action_id == action_id for t in touches):
+        return  # the same step fired again (a state rebuilt by replay): one touch
+    touches.append(
+        TouchRecord(action_id=action_id, channel=channel, rule_id=rule_id, at=at, variant=variant)
+    )
+    if len(touches) > 1 and (touches[-2].at, touches[-2].action_id) > (at, action_id):
+        touches.sort(key=lambda t: (t.at, t.action_id))
+    cutoff = at - lookback
+    if touches[0].at < cutoff:
+        state.touches = [t for t in touches if t.at >= cutoff]
+
+
 def check_feedback(state: CustomerState, event: MessageFeedback) -> None:
     """Raise `UnknownAction` unless the state knows the event's action (a redelivered
     event passes: the engine ignores it anyway)."""
@@ -373,6 +424,10 @@ def check_feedback(state: CustomerState, event: MessageFeedback) -> None:
 
 def _apply_feedback(state: CustomerState, event: MessageFeedback) -> None:
     assert event.type in FEEDBACK_TYPES
+    for touch in state.touches:
+        if touch.action_id == event.properties.action_id:
+            touch.feedback.append((event.type, event.occurred_at))
+            break
     message = state.messages.get(event.properties.action_id)
     if message is None:
         # `evolve` checks first (`check_feedback`); only a direct `apply_event` gets here.
