@@ -24,6 +24,7 @@ ALERTS_FILE = PROMETHEUS_DIR / "alerts.yml"
 RUNBOOK_FILE = ROOT / "docs" / "runbook.md"
 GRAFANA_DIR = ROOT / "deploy" / "grafana"
 DASHBOARD_FILE = GRAFANA_DIR / "dashboards" / "omnicue-overview.json"
+CAMPAIGN_DASHBOARD_FILE = GRAFANA_DIR / "dashboards" / "omnicue-campaigns.json"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 
 DATASOURCE_UID = "omnicue-prometheus"
@@ -43,6 +44,14 @@ COUNTERS = {
     "omnicue_timer_errors_total",
     "omnicue_rules_invalid_total",
 }
+# Campaign performance (live attribution and holdout lift): the campaign dashboard's.
+CAMPAIGN_COUNTERS = {
+    "omnicue_conversions_total",
+    "omnicue_attributed_revenue_total",
+    "omnicue_orders_total",
+    "omnicue_holdout_entries_total",
+    "omnicue_holdout_conversions_total",
+}
 HISTOGRAMS = {
     "omnicue_event_to_action_latency_seconds",
     "omnicue_timer_lateness_seconds",
@@ -59,6 +68,7 @@ GAUGES = {
 # Names a query may select: histograms only through their exposed series.
 KNOWN_METRICS = (
     COUNTERS
+    | CAMPAIGN_COUNTERS
     | GAUGES
     | {f"{name}{suffix}" for name in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
     | {"up"}
@@ -73,6 +83,7 @@ REQUIRED_ALERTS = {
     "OmnicueSuppressionSpike": "info",
     "OmnicueStepErrors": "warning",
     "OmnicueRulesInvalid": "warning",
+    "OmnicueTreatmentBelowControl": "warning",
 }
 
 # --------------------------------------------------------------------------- PromQL
@@ -259,6 +270,7 @@ def test_alert_durations(alert_rules: list[dict[str, Any]]) -> None:
     assert durations["OmnicueWorkerDown"] == "1m"
     assert durations["OmnicueNoEventsConsumed"] == "10m"
     assert durations["OmnicueTimerLateness"] == "5m"
+    assert durations["OmnicueTreatmentBelowControl"] == "1h"
 
 
 def test_alert_metrics_are_exposed(alert_rules: list[dict[str, Any]]) -> None:
@@ -561,6 +573,53 @@ def _alert_unit_tests() -> list[dict[str, Any]]:
                 },
             ],
         },
+        *_treatment_below_control_tests(),
+    ]
+
+
+def _holdout(rule: str, group: str, entries_per_hour: int, conversions_per_hour: int,
+             hours: int = 40) -> list[dict[str, str]]:
+    labels = f'rule="{rule}", group="{group}"'
+    return [
+        {"series": f"omnicue_holdout_entries_total{{{labels}}}",
+         "values": f"0+{entries_per_hour}x{hours}"},
+        {"series": f"omnicue_holdout_conversions_total{{{labels}}}",
+         "values": f"0+{conversions_per_hour}x{hours}"},
+    ]  # fmt: skip
+
+
+def _treatment_below_control_tests() -> list[dict[str, Any]]:
+    """Over a day, `cart` converts 10% of its treatment and 20% of its control: it
+    alerts, once that has held for an hour. `welcome` does better than its control,
+    and `browse` is worse but has too few control entries (2 an hour): both stay quiet.
+    A day after `cart`'s treatment recovers (30% from hour 40), the alert clears."""
+    return [
+        {
+            "interval": "1h",
+            "input_series": [
+                {"series": 'omnicue_holdout_entries_total{rule="cart", group="treatment"}',
+                 "values": "0+10x70"},
+                {"series": 'omnicue_holdout_conversions_total{rule="cart", group="treatment"}',
+                 "values": "0+1x40 40+3x30"},
+                *_holdout("cart", "control", 10, 2, 70),
+                *_holdout("welcome", "treatment", 10, 3),
+                *_holdout("welcome", "control", 10, 2),
+                *_holdout("browse", "treatment", 10, 1),
+                *_holdout("browse", "control", 1, 1),
+            ],  # fmt: skip
+            "alert_rule_test": [
+                # Two hours in, under 30 entries a group: nothing yet.
+                {"alertname": "OmnicueTreatmentBelowControl", "eval_time": "2h",
+                 "exp_alerts": []},
+                {
+                    "alertname": "OmnicueTreatmentBelowControl",
+                    "eval_time": "30h",
+                    "exp_alerts": [{"exp_labels": {"severity": "warning", "rule": "cart"}}],
+                },
+                {"alertname": "OmnicueTreatmentBelowControl", "eval_time": "68h",
+                 "exp_alerts": []},
+            ],  # fmt: skip
+        },
     ]
 
 
@@ -685,5 +744,68 @@ def test_promtool_parses_dashboard_queries(dashboard: dict[str, Any], tmp_path: 
     ]
     path = tmp_path / "dashboard_queries.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": records}]}))
+    result = run_promtool("check", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --------------------------------------------------------------------------- campaigns
+
+
+@pytest.fixture(scope="module")
+def campaign_dashboard() -> dict[str, Any]:
+    data = json.loads(CAMPAIGN_DASHBOARD_FILE.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def test_campaign_dashboard_identity(campaign_dashboard: dict[str, Any]) -> None:
+    """Provisioned beside the overview (the provider loads every file of the folder)."""
+    assert campaign_dashboard["uid"] == "omnicue-campaigns"
+    assert campaign_dashboard["title"] == "Campaign performance"
+    assert "id" in campaign_dashboard and campaign_dashboard["id"] is None
+    [window] = campaign_dashboard["templating"]["list"]
+    assert window["name"] == "window" and window["current"]["value"] == "1d"
+
+
+def test_campaign_dashboard_panels(campaign_dashboard: dict[str, Any]) -> None:
+    test_dashboard_panels(campaign_dashboard)
+    titles = {panel["title"] for panel in _panels(campaign_dashboard)}
+    assert {"Conversion rate by channel", "Attributed revenue by model", "Lift by rule"} <= titles
+
+
+def test_campaign_dashboard_metrics(campaign_dashboard: dict[str, Any]) -> None:
+    test_dashboard_metrics_are_exposed(campaign_dashboard)
+    used = set().union(
+        *(metric_names(expr) for _title, expr in _dashboard_exprs(campaign_dashboard))
+    )
+    assert CAMPAIGN_COUNTERS <= used, f"no panel for {sorted(CAMPAIGN_COUNTERS - used)}"
+    lift = {title: expr for title, expr in _dashboard_exprs(campaign_dashboard)}["Lift by rule"]
+    assert 'group="treatment"' in lift and 'group="control"' in lift
+
+
+def test_campaign_metrics_are_exposed_by_workers() -> None:
+    from omnicue.metrics import WorkerMetrics
+
+    metrics = WorkerMetrics()
+    metrics.conversions.labels(rule="r", channel="push", model="linear").inc(0.5)
+    metrics.attributed_revenue.labels(rule="r", channel="push", model="linear").inc(5)
+    metrics.orders.labels(attributed="true").inc()
+    metrics.holdout_entries.labels(rule="r", group="control").inc()
+    metrics.holdout_conversions.labels(rule="r", group="control").inc()
+    exposed = metrics.exposition().decode()
+    for name in CAMPAIGN_COUNTERS:
+        assert f"\n{name}{{" in exposed, name
+
+
+def test_promtool_parses_campaign_dashboard_queries(
+    campaign_dashboard: dict[str, Any], tmp_path: Path
+) -> None:
+    promtool()
+    records = [
+        {"record": f"omnicue:campaigns:query_{index}", "expr": expr.replace("$window", "1d")}
+        for index, (_title, expr) in enumerate(_dashboard_exprs(campaign_dashboard))
+    ]
+    path = tmp_path / "campaign_queries.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "campaigns", "rules": records}]}))
     result = run_promtool("check", "rules", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
