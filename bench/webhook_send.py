@@ -188,7 +188,7 @@ def run_sender(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--actions", type=int, default=5000)
-    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--save", action="store_true", help="write bench/results/…json")
     args = parser.parse_args()
@@ -242,7 +242,9 @@ def main() -> None:
     }
     print(json.dumps(result))
     if args.save:
-        out = REPO / "bench" / "results" / "webhook_send.json"
+        # The default concurrency (the senders' default in flight) keeps the plain name.
+        suffix = "" if args.concurrency == 128 else f"-{args.concurrency}"
+        out = REPO / "bench" / "results" / f"webhook_send{suffix}.json"
         out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
 
