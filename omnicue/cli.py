@@ -499,8 +499,13 @@ def report_command(
     rules: Annotated[
         Path | None, typer.Option(help="Rules file (default: the packaged rules)")
     ] = None,
-    lookback: Annotated[str, typer.Option(help="Touches this long before an order count")] = "7d",
-    half_life: Annotated[str, typer.Option(help="Half-life of the time_decay model")] = "7d",
+    lookback: Annotated[
+        str | None,
+        typer.Option(help="Touches this long before an order count (OMNICUE_ATTRIBUTION_*)"),
+    ] = None,
+    half_life: Annotated[
+        str | None, typer.Option(help="Half-life of the time_decay model (default: 7d)")
+    ] = None,
     fmt: Annotated[
         str | None,
         typer.Option("--format", help="jsonl or rees46 (default: rees46 for .csv, else jsonl)"),
@@ -509,6 +514,10 @@ def report_command(
     """Did it work? Conversions, attribution by six models, holdout lift, funnels, paths."""
     from omnicue.report import run_report
 
+    # The workers' settings by default, so the report and the live records agree.
+    settings = _settings()
+    lookback = lookback or f"{round(settings.attribution_lookback_days * 86_400)}s"
+    half_life = half_life or f"{round(settings.attribution_half_life_days * 86_400)}s"
     code = run_report(
         events,
         actions,

@@ -88,6 +88,14 @@ class Settings(BaseSettings):
     engagement_half_life_days: float = Field(
         30.0, gt=0, description="Half-life, in days, of a message's weight in engagement"
     )
+    # Attribution (measure/): the live records and `omnicue report` default to these,
+    # so that the two agree.
+    attribution_lookback_days: float = Field(
+        7.0, gt=0, description="Touches this long before a conversion count for it"
+    )
+    attribution_half_life_days: float = Field(
+        7.0, gt=0, description="Half-life of the time_decay attribution model"
+    )
     sender_claim_ttl: int = Field(7 * 86_400, description="Seconds a sent action id is remembered")
     sender_metrics_port: int = Field(6067, description="Port of a sender's /metrics (0: off)")
     sender_transport: Literal["console", "webhook", "smtp"] = "console"
@@ -214,6 +222,9 @@ class Settings(BaseSettings):
             max_anonymous_ids=self.identity_max_anonymous_ids,
         )
 
+    def attribution_half_life(self) -> timedelta:
+        return timedelta(days=self.attribution_half_life_days)
+
     def engine_policy(self) -> EnginePolicy:
         """The engine's policy from these settings: the worker's, replay's."""
         from triggers.engine import EnginePolicy
@@ -222,6 +233,7 @@ class Settings(BaseSettings):
             consent_policy=self.consent_policy,
             default_timezone=self.default_timezone,
             engagement_half_life=timedelta(days=self.engagement_half_life_days),
+            touch_lookback=timedelta(days=self.attribution_lookback_days),
         )
 
     @property

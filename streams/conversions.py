@@ -8,6 +8,8 @@ counts the record into the worker's metrics.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from measure.attribution import DEFAULT_HALF_LIFE
 from measure.lift import Entry
 from measure.live import conversion_record, current_touches, holdout_conversions
@@ -17,7 +19,9 @@ from schemas.conversions import ConversionRecord
 from triggers.engine import Converted, EnginePolicy
 
 
-def record_of(converted: Converted, policy: EnginePolicy) -> ConversionRecord:
+def record_of(
+    converted: Converted, policy: EnginePolicy, half_life: timedelta = DEFAULT_HALF_LIFE
+) -> ConversionRecord:
     """The attribution record of one conversion (deterministic: the same input gives
     the same record, so a redelivered order re-sends the same one)."""
     order, customer = converted.event, converted.customer_id
@@ -43,7 +47,7 @@ def record_of(converted: Converted, policy: EnginePolicy) -> ConversionRecord:
         conversion,
         current_touches(kept),
         policy.touch_lookback,
-        DEFAULT_HALF_LIFE,
+        half_life,
         holdout_conversions(entries, conversion, windows),
     )
 

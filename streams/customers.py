@@ -258,7 +258,9 @@ def emit(p: Pipeline, key: bytes, out: Output, outbox: Outbox, arrived: float) -
     if out.conversion is not None:
         # One attribution record per conversion, its id the order's event id: a
         # redelivered order sends the same record again.
-        record = conversions.record_of(out.conversion, p.policy)
+        record = conversions.record_of(
+            out.conversion, p.policy, p.settings.attribution_half_life()
+        )
         outbox.add(p.topics.conversions, key, record.model_dump_json().encode())
         conversions.count(p.metrics, record)
 

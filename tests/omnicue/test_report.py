@@ -232,3 +232,27 @@ def test_html_embeds_the_numbers_safely() -> None:
     page = render_html(report, "</script><b>x</b>")
     assert "<b>x</b>" not in page
     assert page.count('id="chart-') == 5
+
+
+def test_the_report_defaults_to_the_workers_attribution_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The live records use OMNICUE_ATTRIBUTION_*; so does the report, by default."""
+    events, actions, decisions = small_log(tmp_path)
+    monkeypatch.setenv("OMNICUE_ATTRIBUTION_LOOKBACK_DAYS", "0.1")
+    monkeypatch.setenv("OMNICUE_ATTRIBUTION_HALF_LIFE_DAYS", "0.5")
+    target = tmp_path / "report.json"
+    result = CliRunner().invoke(
+        app,
+        ["report", "--events", str(events), "--actions", str(actions),
+         "--decisions", str(decisions), "--json", str(target)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(target.read_text(encoding="utf-8"))
+    assert data["settings"]["lookback_seconds"] == 0.1 * 86_400
+    # 2.4 h of lookback: the touches 3 h and 2 h before the order, only the later counts.
+    assert data["attribution"]["first_touch"]["email"]["conversions"] == 1.0
+    from omnicue.settings import Settings
+
+    policy = Settings().engine_policy()
+    assert policy.touch_lookback.total_seconds() == 0.1 * 86_400
