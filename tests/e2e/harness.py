@@ -4,9 +4,12 @@ broker reports those wrong)."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -162,3 +165,16 @@ def wait_for_commit(settings: Settings, topic: str, partition: int, offset: int,
             time.sleep(0.2)
     finally:
         consumer.close()
+
+
+def profile_view(port: int, profile: str) -> dict[str, Any] | None:
+    """GET /customers/{profile} of a worker (redirects followed); None on 404."""
+    url = f"http://127.0.0.1:{port}/customers/{urllib.parse.quote(profile, safe='')}"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            body: dict[str, Any] = json.loads(response.read())
+            return body
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return None
+        raise

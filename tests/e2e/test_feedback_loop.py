@@ -21,8 +21,7 @@ from omnicue.services import ManagedProcess, free_port
 from omnicue.settings import Settings
 from schemas import topics
 from tests.e2e.conftest import write_rules
-from tests.e2e.harness import TopicReader, settings_env, start_worker
-from tests.e2e.test_pipeline import profile_view
+from tests.e2e.harness import TopicReader, profile_view, settings_env, start_worker
 from tests.factories import event_dict
 
 pytestmark = pytest.mark.e2e

@@ -6,9 +6,6 @@ import json
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,7 +20,14 @@ from omnicue.settings import Settings
 from schemas import topics
 from schemas.actions import make_action_id
 from tests.e2e.conftest import write_rules
-from tests.e2e.harness import ROOT, TopicReader, scrape, settings_env, start_worker
+from tests.e2e.harness import (
+    ROOT,
+    TopicReader,
+    profile_view,
+    scrape,
+    settings_env,
+    start_worker,
+)
 from tests.factories import event_dict
 
 pytestmark = pytest.mark.e2e
@@ -85,19 +89,6 @@ def anonymous_then_known(anonymous_id: str, customer: str, buys: bool) -> tuple[
     for n, e in enumerate(before + after):
         e["event_id"] = f"{anonymous_id}-{n}"
     return before, after
-
-
-def profile_view(port: int, profile: str) -> dict[str, Any] | None:
-    """GET /customers/{profile} (redirects followed); None on 404."""
-    url = f"http://127.0.0.1:{port}/customers/{urllib.parse.quote(profile, safe='')}"
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            body: dict[str, Any] = json.loads(response.read())
-            return body
-    except urllib.error.HTTPError as exc:
-        if exc.code == 404:
-            return None
-        raise
 
 
 def wait_for_profile(port: int, profile: str, ready: Callable[[dict[str, Any]], bool]) -> None:

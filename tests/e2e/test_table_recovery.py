@@ -9,11 +9,8 @@ tail, where the memory store (covered by test_restart) reads the whole changelog
 
 from __future__ import annotations
 
-import json
 import signal
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,7 +22,7 @@ from omnicue.producer import EventProducer
 from omnicue.services import free_port
 from omnicue.settings import Settings
 from streams.topics import partition_for
-from tests.e2e.harness import pending_timers, start_worker
+from tests.e2e.harness import pending_timers, profile_view, start_worker
 from tests.factories import event_dict
 
 pytestmark = pytest.mark.e2e
@@ -70,20 +67,8 @@ def ledger_events(customer: str, n: int, start: datetime) -> list[dict[str, Any]
     ]  # fmt: skip
 
 
-def profile(port: int, customer: str) -> dict[str, Any] | None:
-    url = f"http://127.0.0.1:{port}/customers/{customer}"
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            body: dict[str, Any] = json.loads(response.read())
-            return body
-    except urllib.error.HTTPError as exc:
-        if exc.code == 404:
-            return None
-        raise
-
-
 def profiles(port: int) -> dict[str, dict[str, Any] | None]:
-    return {customer: profile(port, customer) for customer in CUSTOMERS}
+    return {customer: profile_view(port, customer) for customer in CUSTOMERS}
 
 
 def complete(found: dict[str, dict[str, Any] | None]) -> bool:

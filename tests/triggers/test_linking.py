@@ -18,10 +18,11 @@ from hypothesis import strategies as st
 from schemas.actions import Action
 from schemas.decisions import Decision
 from schemas.events import Event, event_from_dict
-from tests.factories import T0, cart_add, consent, device, event_dict, identify, minutes, order
+from tests.factories import T0, cart_add, event_dict, identify, minutes
 from tests.triggers.keyed_network import KeyedNetwork
 from tests.triggers.test_identity_property import PROPERTIES, RULES
 from tests.triggers.test_identity_replay import RULES as CART_RULES
+from tests.triggers.test_identity_replay import anonymous_then_known_order
 from triggers.engine import EnginePolicy
 from triggers.identity import IdentityPolicy, hash_identifier
 from triggers.linking import IdentityEntry, process, route_key
@@ -110,20 +111,9 @@ def test_every_message_delivered_twice_changes_nothing(
     assert twice.states.keys() == once.states.keys()
 
 
-def the_defect() -> list[Event]:
-    anon: dict[str, Any] = {"customer_id": None, "anonymous_id": "a-1"}
-    return [
-        device("tok-a1", at=T0, **anon),
-        consent("push", at=T0, **anon),
-        cart_add("K", at=T0 + minutes(1), **anon),
-        identify("kim@example.com", customer_id="c-9", anonymous_id="a-1", at=T0 + minutes(5)),
-        order("K", customer_id="c-9", at=T0 + minutes(10)),
-    ]
-
-
 def test_the_order_after_a_link_cancels_the_anonymous_cart_journey() -> None:
     network = KeyedNetwork(CART_RULES, POLICY)
-    for event in the_defect():
+    for event in anonymous_then_known_order():
         network.publish(event)
     network.fire_until(T0 + timedelta(days=2))
     assert [(a.rule_id, a.customer_id, a.channel) for a in network.actions] == [
@@ -138,7 +128,7 @@ def test_the_order_after_a_link_cancels_the_anonymous_cart_journey() -> None:
 def test_a_customer_parks_its_inputs_until_the_link_is_answered() -> None:
     """The order is published before the merge comes back: it waits for it."""
     network = KeyedNetwork(CART_RULES, POLICY)
-    *before, link, buy = the_defect()
+    *before, link, buy = anonymous_then_known_order()
     for event in before:
         network.publish(event)
     # Deliver the link request's answer only after the order reached c-9.
@@ -160,7 +150,7 @@ def test_a_customer_parks_its_inputs_until_the_link_is_answered() -> None:
 
 def test_anonymous_events_after_the_link_are_forwarded_to_the_customer() -> None:
     network = KeyedNetwork(CART_RULES, POLICY)
-    for event in the_defect()[:4]:
+    for event in anonymous_then_known_order()[:4]:
         network.publish(event)
     late = cart_add("L", customer_id=None, anonymous_id="a-1", at=T0 + minutes(6))
     assert route_key(late, network.policy) == "anon:a-1"
