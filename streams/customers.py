@@ -78,8 +78,6 @@ async def process_batch(p: Pipeline, batch: Sequence[EventT[bytes]]) -> None:
         last = inputs[-1][0].message
         _use_event_context(inputs[-1][0])
         raw = p.customers.get(key)
-        if raw is None:
-            p.metrics.customers_in_state.inc()
         run = _CustomerRun(p, key, raw, p.identities.get(key), now)
         timer_failed = False
         for event, item, watermark in inputs:
@@ -201,8 +199,11 @@ class _CustomerRun:
         p, key = self._p, self._key
         if self.state is not None:
             p.customers[key] = self.state.model_dump_json(exclude_defaults=True).encode()
+            if self._raw is None:
+                p.metrics.customers_in_state.inc()
         elif self._state_changed and self._raw is not None:
             del p.customers[key]  # merged into another profile
+            p.metrics.customers_in_state.dec()
         entry = self.entry.model_dump_json(exclude_defaults=True).encode()
         if entry != (self._raw_entry or b"{}"):
             p.identities[key] = entry

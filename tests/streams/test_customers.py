@@ -154,6 +154,10 @@ async def test_a_link_parks_the_customer_until_its_anonymous_profile_comes_back(
     assert shell.pipeline.customers.get(b"anon:a-1") is None
     state = state_of(shell)
     assert state.merged_profiles == ["anon:a-1"] and state.order_count == 1
+    # One customer held: the anonymous profile merged away; the identity entries (the
+    # device's link, the customer's ids) are no customers.
+    registry = shell.pipeline.metrics.registry
+    assert registry.get_sample_value("omnicue_customers_in_state") == 1
     decided = [orjson.loads(v) for k, v in shell.sent(topics.DECISIONS) if k == C1]
     assert [(d["outcome"], d.get("reason")) for d in decided] == [
         ("identity", "identity_merged"), ("cancelled", "purchased")
