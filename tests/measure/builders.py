@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 from datetime import UTC, datetime, timedelta
 
+from hypothesis import strategies as st
+
 from measure.touches import Conversion, Touch
 from schemas.decisions import Decision
 
@@ -76,3 +78,19 @@ def decision(
             "group": group,
         }
     )
+
+
+# For the property tests: touches and conversions of a few customers around T0.
+CHANNELS = ("push", "email", "sms", "kakao")
+touch_strategy = st.builds(
+    lambda channel, hours, customer: touch(channel, T0 - timedelta(hours=hours), customer),
+    st.sampled_from(CHANNELS),
+    st.integers(min_value=-48, max_value=24 * 12),
+    st.sampled_from(("c1", "c2", "c3")),
+)
+conversion_strategy = st.builds(
+    lambda hours, value, customer: conversion(T0 - timedelta(hours=hours), value, customer),
+    st.integers(min_value=0, max_value=24 * 10),
+    st.floats(min_value=0, max_value=1e6, allow_nan=False),
+    st.sampled_from(("c1", "c2", "c3", "c4")),
+)

@@ -24,7 +24,14 @@ from measure.attribution import (
 )
 from measure.touches import Conversion, Touch
 from schemas.report import MODELS
-from tests.measure.builders import DAY, T0, conversion, touch
+from tests.measure.builders import (
+    DAY,
+    T0,
+    conversion,
+    conversion_strategy,
+    touch,
+    touch_strategy,
+)
 
 WEEK = timedelta(days=7)
 
@@ -164,21 +171,6 @@ def test_data_driven_with_a_loop_between_channels() -> None:
 
 
 # --------------------------------------------------------------------- property
-
-CHANNELS = ("push", "email", "sms", "kakao")
-touch_strategy = st.builds(
-    lambda channel, hours, customer: touch(channel, T0 - timedelta(hours=hours), customer),
-    st.sampled_from(CHANNELS),
-    st.integers(min_value=-48, max_value=24 * 12),
-    st.sampled_from(("c1", "c2", "c3")),
-)
-conversion_strategy = st.builds(
-    lambda hours, value, customer: conversion(T0 - timedelta(hours=hours), value, customer),
-    st.integers(min_value=0, max_value=24 * 10),
-    st.floats(min_value=0, max_value=1e6, allow_nan=False),
-    st.sampled_from(("c1", "c2", "c3", "c4")),
-)
-
 
 @settings(max_examples=150, deadline=None)
 @given(

@@ -22,7 +22,14 @@ from measure.live import conversion_record, current_touches, holdout_conversions
 from measure.touches import Conversion, Touch, with_feedback
 from schemas.conversions import LIVE_MODELS, ConversionRecord, HoldoutConversion
 from schemas.report import MODELS
-from tests.measure.builders import DAY, T0, conversion, touch
+from tests.measure.builders import (
+    DAY,
+    T0,
+    conversion,
+    conversion_strategy,
+    touch,
+    touch_strategy,
+)
 from triggers.engine import DEFAULT_TOUCH_LOOKBACK
 
 HOUR = timedelta(hours=1)
@@ -105,21 +112,6 @@ def test_holdout_conversions_use_the_reports_window() -> None:
         HoldoutConversion(rule_id="welcome", group="treatment"),
         HoldoutConversion(rule_id="browse", group="control"),
     ]
-
-
-CHANNELS = ("push", "email", "sms", "kakao")
-touch_strategy = st.builds(
-    lambda channel, hours, customer: touch(channel, T0 - timedelta(hours=hours), customer),
-    st.sampled_from(CHANNELS),
-    st.integers(min_value=-48, max_value=24 * 12),
-    st.sampled_from(("c1", "c2", "c3")),
-)
-conversion_strategy = st.builds(
-    lambda hours, value, customer: conversion(T0 - timedelta(hours=hours), value, customer),
-    st.integers(min_value=0, max_value=24 * 10),
-    st.floats(min_value=0, max_value=1e6, allow_nan=False),
-    st.sampled_from(("c1", "c2", "c3", "c4")),
-)
 
 
 @settings(max_examples=100, deadline=None)
