@@ -89,13 +89,8 @@ async def process_batch(p: Pipeline, batch: Sequence[EventT[bytes]]) -> None:
             horizon = _NOTHING_DUE if watermark is None else watermark - p.progress.lateness
             try:
                 if isinstance(item, TimerFired):
+                    # Its step is evaluated up to its own due time (`linking.process`).
                     p.metrics.timer_lateness.observe(max(0.0, (now - item.due_at).total_seconds()))
-                    # The timer task sent it only once the partition's horizon had
-                    # passed its due time, and timer inputs move no watermark: on a
-                    # partition without new events, the watermark's horizon alone would
-                    # evaluate nothing, and the customer, still due, be sent again at
-                    # every tick (a livelock under load, when the worker never catches up).
-                    horizon = max(horizon, item.due_at)
                 elif linking.event_of(item) is not None:
                     run.due_steps(horizon, event.message.timestamp)
                 run.feed(item, horizon, event.message.timestamp)

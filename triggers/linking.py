@@ -313,8 +313,12 @@ def process(
         if target is None:
             out = Output()
         else:
-            # A timer input evaluates the steps due by its own due time (see
-            # streams/customers.py); None: everything due by `now`.
+            # A timer input evaluates the steps due by its own due time. The timer task
+            # sent it only once the partition's horizon had passed that time, and timer
+            # inputs move no watermark: on a partition without new events, the
+            # watermark's horizon alone would evaluate nothing, and the customer, still
+            # due, be sent again at every tick (a livelock under load, when the worker
+            # never catches up). None: everything due by `now`.
             due_by = horizon
             if isinstance(target, TimerFired) and horizon is not None:
                 due_by = max(horizon, target.due_at)
